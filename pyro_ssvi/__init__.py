@@ -1,0 +1,31 @@
+"""pyro_ssvi: Sparse Subspace Variational Inference (SSVI) for Pyro.
+
+Train Bayesian neural networks whose posterior is sparse from the first step to
+the last: write a ``PyroModule`` BNN with ``PyroSample`` priors, fit it with
+:class:`SparseSubspaceGuide` and :class:`SSVI` (a drop-in for ``pyro.infer.SVI``).
+"""
+
+from . import criteria
+from .distributions import SparseNormal, SubspacePrior
+from .guide import SparseSubspaceGuide, init_to_normal
+from .handlers import SubspacePriorMessenger, subspace_prior
+from .schedule import SwapSchedule
+from .subspace import select_swap
+from .svi import SSVI, NonFiniteLossError, reset_optimizer_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SSVI",
+    "NonFiniteLossError",
+    "SparseNormal",
+    "SparseSubspaceGuide",
+    "SubspacePrior",
+    "SubspacePriorMessenger",
+    "SwapSchedule",
+    "criteria",
+    "init_to_normal",
+    "reset_optimizer_state",
+    "select_swap",
+    "subspace_prior",
+]

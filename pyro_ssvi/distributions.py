@@ -1,0 +1,240 @@
+"""Distributions for sparse sites.
+
+:class:`SparseNormal` is the variational family of one SSVI site (SPEC section 2)::
+
+    q_{S,phi}(theta) = prod_{i in S} Normal(theta_i; mu_i, sigma_i^2) * prod_{i not in S} delta(theta_i = 0)
+
+It stores only the ``k = |S|`` active coordinates (``loc``, ``scale`` and the flat
+``index`` of each active entry) and scatters them into a dense tensor of the
+site's shape when sampled, so every sample is exactly zero off the active set.
+Its :meth:`~SparseNormal.log_prob` and :meth:`~SparseNormal.entropy` are the
+density and entropy of the active coordinates: the density of ``q`` with respect
+to Lebesgue measure on its support.
+
+:class:`SubspacePrior` restricts a factorised prior ``p(theta) = prod_i p_i(theta_i)``
+to the same active set, ``p_S = prod_{i in S} p_i``, so that a Monte Carlo ELBO
+(``Trace_ELBO``) and the analytic one (``TraceMeanField_ELBO``) estimate the same
+subspace objective. ``kl_divergence(SparseNormal, prior)`` is registered for both
+a plain ``Independent`` prior and a :class:`SubspacePrior`; it is analytic when
+the prior's coordinates are Normal and raises ``NotImplementedError`` otherwise,
+which makes ``TraceMeanField_ELBO`` fall back on its Monte Carlo estimate.
+"""
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Independent, Normal, kl_divergence, register_kl
+from torch.distributions.utils import broadcast_all
+
+_HALF_LOG_2PI_E = 0.5 + 0.5 * math.log(2 * math.pi)
+
+
+def factorised_base(fn):
+    """Return the scalar-event distribution under ``Independent`` wrappers, or ``None``.
+
+    A prior is *factorised* when, after removing ``Independent`` (``.to_event``)
+    wrappers, its event shape is ``()``: each coordinate is an independent scalar
+    distribution (Normal, Laplace, StudentT, a scale mixture via
+    ``MixtureSameFamily``...). ``MultivariateNormal`` and friends are not.
+    """
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    if isinstance(fn, SubspacePrior):
+        return factorised_base(fn.base)
+    if fn.event_shape != torch.Size():
+        return None
+    return fn
+
+
+def elementwise_log_prob(base, value, shape):
+    """``log p_i(value_i)`` for every coordinate of a factorised ``base``; shape ``value.shape``."""
+    lp = base.log_prob(value)
+    return lp.expand(value.shape[: value.dim() - len(shape)] + shape)
+
+
+def _flat(value, shape):
+    return value.reshape(value.shape[: value.dim() - len(shape)] + (-1,))
+
+
+def _active_params(base, index, shape):
+    """Gather a Normal base's ``loc`` and ``scale`` at flat ``index`` without densifying them."""
+    coords = torch.unravel_index(index, shape)
+    loc, scale = broadcast_all(base.loc, base.scale)
+    return torch.broadcast_to(loc, shape)[coords], torch.broadcast_to(scale, shape)[coords]
+
+
+class SparseNormal(TorchDistribution):
+    r"""Mean-field Normal on an active set ``S`` of a tensor, exact zeros elsewhere.
+
+    :param torch.Tensor loc: means of the active coordinates, shape ``batch + (k,)``.
+    :param torch.Tensor scale: standard deviations, same shape as ``loc``.
+    :param torch.LongTensor index: flat (row-major) positions of the ``k`` active
+        coordinates in a tensor of shape ``shape``; ``None`` means all coordinates
+        are active in their natural order (``k == prod(shape)``).
+    :param torch.Size shape: the dense shape of one sample (the event shape).
+
+    The entropy and ``log_prob`` cover the active coordinates only:
+    :math:`\log q(\theta) = \sum_{i \in S} \log \mathcal N(\theta_i; \mu_i, \sigma_i^2)`.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    has_rsample = True
+
+    def __init__(self, loc, scale, index, shape, validate_args=None):
+        shape = torch.Size(shape)
+        numel = shape.numel()
+        if loc.shape != scale.shape:
+            raise ValueError(f"loc and scale must have one shape, got {tuple(loc.shape)} and {tuple(scale.shape)}")
+        k = loc.shape[-1]
+        if index is None:
+            if k != numel:
+                raise ValueError(f"index=None needs k == prod(shape) = {numel}, got k = {k}")
+        elif index.shape != (k,):
+            raise ValueError(f"index must have shape ({k},), got {tuple(index.shape)}")
+        self.loc, self.scale, self.index, self.site_shape = loc, scale, index, shape
+        self._tap = None
+        super().__init__(loc.shape[:-1], shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.site_shape))
+
+    @property
+    def num_active(self):
+        return self.loc.shape[-1]
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        k = (self.num_active,)
+        return SparseNormal(
+            self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape
+        )
+
+    # dense <-> active conversions ------------------------------------------------
+    def scatter(self, active):
+        """Place ``active`` (``... + (k,)``) into zeros of shape ``... + shape``."""
+        lead = active.shape[:-1]
+        if self.index is None:
+            return active.reshape(lead + self.site_shape)
+        out = active.new_zeros(lead + (self.site_shape.numel(),))
+        out = out.scatter(-1, self.index.expand(lead + (self.num_active,)), active)
+        return out.reshape(lead + self.site_shape)
+
+    def gather(self, value):
+        """The active coordinates of a dense ``value`` (``... + shape``), shape ``... + (k,)``."""
+        flat = _flat(value, self.site_shape)
+        return flat if self.index is None else flat.index_select(-1, self.index)
+
+    # Distribution API -------------------------------------------------------------
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)[: -len(self.site_shape) or None] + (self.num_active,)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        value = self.scatter(self.loc + self.scale * eps)
+        if self._tap is not None:
+            self._tap(value)
+        return value
+
+    def log_prob(self, value):
+        active = self.gather(value)
+        var = self.scale**2
+        lp = -((active - self.loc) ** 2) / (2 * var) - self.scale.log() - 0.5 * math.log(2 * math.pi)
+        return lp.sum(-1)
+
+    def entropy(self):
+        return (_HALF_LOG_2PI_E + self.scale.log()).sum(-1)
+
+    @property
+    def mean(self):
+        return self.scatter(self.loc)
+
+    @property
+    def variance(self):
+        return self.scatter(self.scale**2)
+
+    def dense_loc(self):
+        """The dense mean (zeros off the active set), tapped for gradient-based addition."""
+        value = self.scatter(self.loc)
+        if self._tap is not None:
+            self._tap(value)
+        return value
+
+
+class SubspacePrior(TorchDistribution):
+    r"""A factorised prior restricted to an active set: :math:`p_S = \prod_{i \in S} p_i`.
+
+    ``log_prob`` sums the coordinates' log densities over ``S`` only; samples are the
+    prior's samples with the inactive coordinates set to zero.
+
+    :param base: the model's prior for the site (batch shape ``()``, factorised).
+    :param torch.LongTensor index: flat positions of the active coordinates.
+    """
+
+    arg_constraints = {}
+
+    def __init__(self, base, index, validate_args=False):
+        scalar = factorised_base(base)
+        if scalar is None:
+            raise ValueError(f"SubspacePrior needs a factorised prior, got {type(base).__name__}")
+        self.base, self.scalar, self.index = base, scalar, index
+        self.site_shape = base.event_shape
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    @property
+    def has_rsample(self):
+        return self.base.has_rsample
+
+    def _mask(self, value):
+        flat = _flat(value, self.site_shape)
+        keep = torch.zeros(flat.shape[-1], dtype=torch.bool, device=flat.device)
+        keep[self.index] = True
+        return torch.where(keep, flat, torch.zeros_like(flat)).reshape(value.shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self._mask(self.base.rsample(sample_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        return self._mask(self.base.sample(sample_shape))
+
+    def log_prob(self, value):
+        lp = _flat(elementwise_log_prob(self.scalar, value, self.site_shape), self.site_shape)
+        return lp.index_select(-1, self.index).sum(-1)
+
+
+def _kl_active(q, p):
+    r"""KL(q || p_S) summed over the active coordinates of ``q``; analytic for Normal p_i.
+
+    .. math:: \mathrm{KL} = \sum_{i \in S} \log\frac{s_i}{\sigma_i}
+              + \frac{\sigma_i^2 + (\mu_i - m_i)^2}{2 s_i^2} - \frac12
+    """
+    base = factorised_base(p)
+    if not isinstance(base, Normal):
+        raise NotImplementedError
+    if p.event_shape != q.event_shape:
+        raise NotImplementedError
+    if q.index is None:
+        ploc, pscale = broadcast_all(base.loc, base.scale)
+        ploc = torch.broadcast_to(ploc, q.site_shape).reshape(-1)
+        pscale = torch.broadcast_to(pscale, q.site_shape).reshape(-1)
+    else:
+        ploc, pscale = _active_params(base, q.index, q.site_shape)
+    var_ratio = (q.scale / pscale) ** 2
+    t1 = ((q.loc - ploc) / pscale) ** 2
+    return (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)
+
+
+@register_kl(SparseNormal, Independent)
+def _kl_sparse_independent(q, p):
+    return _kl_active(q, p)
+
+
+@register_kl(SparseNormal, SubspacePrior)
+def _kl_sparse_subspace(q, p):
+    return _kl_active(q, p.base)
+
+
+__all__ = ["SparseNormal", "SubspacePrior", "factorised_base", "kl_divergence"]

@@ -1,0 +1,419 @@
+"""``SparseSubspaceGuide``: a mean-field Normal guide that stores only an active set.
+
+For each latent site ``theta`` (a weight tensor with ``d = numel`` coordinates) the
+guide keeps ``k = round(density * d)`` active coordinates::
+
+    indices.<site>               LongTensor (k,)   flat positions of the active entries (buffer)
+    locs.<site>                  Parameter  (k,)   mu
+    unconstrained_scales.<site>  Parameter  (k,)   rho, sigma = softplus(rho) (or exp(rho))
+
+and nothing of dense size: the prototype trace Pyro's autoguides keep (a full copy
+of every weight) is dropped after set-up. Samples are drawn from
+:class:`~pyro_ssvi.distributions.SparseNormal`, exactly zero off the active set.
+
+The parameter tensors keep their size for the whole run: a subspace update
+rewrites slots in place (:meth:`SparseSubspaceGuide.replace_entries`), so the
+optimiser keeps tracking the same tensors and ``state_dict()`` (which includes the
+indices and the ``ssvi_step`` counter) is a complete checkpoint. Every piece of
+state is an ordinary buffer or parameter, so ``torch.distributed`` can broadcast it.
+"""
+
+import contextlib
+import functools
+from collections import OrderedDict
+from collections.abc import Mapping
+from operator import attrgetter
+from typing import NamedTuple
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.nn import PyroModule
+
+from .distributions import SparseNormal, factorised_base
+
+
+def init_to_normal(site=None, std=0.01):
+    """Initialise each site's mean at ``N(0, std^2)`` (the reference recipe: std 0.01)."""
+    if site is None:
+        return functools.partial(init_to_normal, std=std)
+    proto = site["fn"].sample().detach()
+    return torch.randn_like(proto) * std
+
+
+class _Site(NamedTuple):
+    shape: torch.Size
+    numel: int
+    k: int
+
+    @property
+    def full(self):
+        return self.k == self.numel
+
+
+def _is_real(constraint):
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return type(constraint) is type(constraints.real)
+
+
+def _deep_set(root, name, value, buffer=False):
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            setattr(module, part, PyroModule())
+        module = getattr(module, part)
+    if buffer:
+        module.register_buffer(leaf, value)
+    else:
+        setattr(module, leaf, value)
+
+
+def _inverse_transform(scale, transform):
+    if transform == "exp":
+        return scale.log()
+    return scale + torch.log(-torch.expm1(-scale))  # softplus^{-1}, stable for small and large scale
+
+
+class SparseSubspaceGuide(AutoGuide):
+    """Sparse mean-field Normal guide for SSVI.
+
+    :param callable model: a Pyro model (typically a ``PyroModule`` BNN with
+        ``PyroSample`` priors). Every latent site must be real-valued with batch
+        shape ``()`` (write priors as ``Normal(0, 1).expand(shape).to_event(n)``).
+    :param density: fraction of each site's coordinates that are random variables:
+        a float in ``(0, 1]`` for every site, or a mapping ``site name -> density``
+        (sites it does not name are dense, density 1).
+    :param dense_sites: names of sites kept dense (density 1, still mean-field Normal),
+        e.g. the first convolution in the reference recipe.
+    :param callable init_loc_fn: a Pyro init function ``site -> value``; the value is
+        read at the active coordinates once and discarded. Default: ``N(0, 0.01^2)``.
+    :param init_scale: initial standard deviation: a float, or a pair ``(mean, std)`` for
+        ``|N(mean, std^2)|`` draws (the reference code's ``(6e-4, 5e-4)``, the default).
+    :param str scale_transform: ``"softplus"`` (default) or ``"exp"``: ``sigma = t(rho)``.
+    """
+
+    def __init__(
+        self,
+        model,
+        density=0.1,
+        *,
+        dense_sites=(),
+        init_loc_fn=init_to_normal,
+        init_scale=(6e-4, 5e-4),
+        scale_transform="softplus",
+        create_plates=None,
+    ):
+        self._density = self._check_density(density)
+        if isinstance(dense_sites, str) or not all(isinstance(s, str) for s in dense_sites):
+            raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
+        self._dense_sites = frozenset(dense_sites)
+        self._init_scale = self._check_init_scale(init_scale)
+        if scale_transform not in ("softplus", "exp"):
+            raise ValueError(f"scale_transform: expected 'softplus' or 'exp', got {scale_transform!r}")
+        self.scale_transform = scale_transform
+        if not callable(init_loc_fn):
+            raise ValueError(f"init_loc_fn: expected a callable site -> value, got {init_loc_fn!r}")
+        self.init_loc_fn = init_loc_fn
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+        self._sites = None
+        self._taps = None
+        self.register_buffer("ssvi_step", torch.zeros((), dtype=torch.long))
+
+    # argument checks -----------------------------------------------------------------
+    @staticmethod
+    def _check_density(density):
+        def ok(x):
+            return not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 < x <= 1.0
+
+        if isinstance(density, Mapping):
+            bad = {k: v for k, v in density.items() if not ok(v)}
+            if bad:
+                raise ValueError(f"density: expected values in (0, 1], got {bad}")
+            return dict(density)
+        if not ok(density):
+            raise ValueError(f"density: expected a float in (0, 1] or a mapping site -> density, got {density!r}")
+        return float(density)
+
+    @staticmethod
+    def _check_init_scale(init_scale):
+        if isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool):
+            if not init_scale > 0:
+                raise ValueError(f"init_scale: expected a positive float, got {init_scale!r}")
+            return float(init_scale)
+        if (
+            isinstance(init_scale, (tuple, list))
+            and len(init_scale) == 2
+            and all(isinstance(v, (int, float)) for v in init_scale)
+            and init_scale[1] >= 0
+            and abs(init_scale[0]) + init_scale[1] > 0
+        ):
+            return tuple(float(v) for v in init_scale)
+        raise ValueError(f"init_scale: expected a positive float or a pair (mean, std), got {init_scale!r}")
+
+    def _site_density(self, name):
+        if name in self._dense_sites:
+            return 1.0
+        if isinstance(self._density, dict):
+            return self._density.get(name, 1.0)
+        return self._density
+
+    # set-up --------------------------------------------------------------------------
+    def setup(self, *args, **kwargs):
+        """Trace the model once with these arguments and create the guide's state."""
+        if self._sites is None:
+            self._setup_prototype(*args, **kwargs)
+        return self
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        sites = OrderedDict()
+        self.locs = PyroModule()
+        self.unconstrained_scales = PyroModule()
+        self.indices = PyroModule()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            fn = site["fn"]
+            if not _is_real(fn.support):
+                raise ValueError(
+                    f"site {name!r}: support {fn.support} is not real; SparseSubspaceGuide only handles "
+                    "real-valued latent sites (enumerate or marginalise discrete ones)"
+                )
+            if fn.batch_shape != torch.Size():
+                raise ValueError(
+                    f"site {name!r}: prior has batch shape {tuple(fn.batch_shape)}; declare the weight's dims "
+                    f"as event dims, e.g. prior.to_event({len(fn.batch_shape)})"
+                )
+            shape = fn.event_shape
+            numel = shape.numel()
+            density = self._site_density(name)
+            k = numel if density >= 1.0 else min(numel, max(1, int(round(density * numel))))
+            if k < numel and factorised_base(fn) is None:
+                raise ValueError(
+                    f"site {name!r}: prior {type(fn).__name__} is not factorised over coordinates; a sparse "
+                    "site needs independent scalar priors (e.g. Normal(0, 1).expand(shape).to_event(n)); "
+                    "list the site in dense_sites to keep it dense"
+                )
+            value = site["value"].detach()
+            device = value.device
+            if k == numel:
+                index = torch.arange(numel, device=device)
+            else:
+                index = torch.randperm(numel, device=device)[:k].sort().values
+            loc = value.reshape(-1)[index].clone()
+            scale = self._draw_scale(k, value)
+            _deep_set(self.indices, name, index, buffer=True)
+            _deep_set(self.locs, name, torch.nn.Parameter(loc))
+            _deep_set(self.unconstrained_scales, name, torch.nn.Parameter(_inverse_transform(scale, self.scale_transform)))
+            sites[name] = _Site(shape, numel, k)
+        if not sites:
+            raise ValueError("model: it has no latent sample site (no PyroSample prior) for the guide to fit")
+        unknown = (set(self._density) if isinstance(self._density, dict) else set()) | self._dense_sites
+        unknown -= set(sites)
+        if unknown:
+            raise ValueError(f"density/dense_sites: unknown site names {sorted(unknown)}; the model has {list(sites)}")
+        self._sites = sites
+        # Drop the prototype trace: it holds a dense copy of every weight.
+        self.prototype_trace = None
+
+    def _draw_scale(self, k, like):
+        if isinstance(self._init_scale, float):
+            return torch.full((k,), self._init_scale, dtype=like.dtype, device=like.device)
+        mean, std = self._init_scale
+        scale = (mean + std * torch.randn(k, dtype=like.dtype, device=like.device)).abs()
+        return scale.clamp_min(1e-8)
+
+    def _require_setup(self, what):
+        if self._sites is None:
+            raise RuntimeError(
+                f"SparseSubspaceGuide.{what}: the guide is not set up yet; call guide(*model_args) "
+                "or guide.setup(*model_args) once first"
+            )
+
+    # per-site accessors ---------------------------------------------------------------
+    @property
+    def site_names(self):
+        self._require_setup("site_names")
+        return tuple(self._sites)
+
+    def sparse_site_names(self):
+        """Sites with fewer active entries than coordinates (the ones subspace updates touch)."""
+        self._require_setup("sparse_site_names")
+        return tuple(n for n, s in self._sites.items() if not s.full)
+
+    def site_info(self, name):
+        self._require_setup("site_info")
+        if name not in self._sites:
+            raise KeyError(f"site {name!r} is not a latent site of this guide; sites: {list(self._sites)}")
+        return self._sites[name]
+
+    def loc(self, name):
+        self.site_info(name)
+        return attrgetter(name)(self.locs)
+
+    def unconstrained_scale(self, name):
+        self.site_info(name)
+        return attrgetter(name)(self.unconstrained_scales)
+
+    def active_index(self, name):
+        self.site_info(name)
+        return attrgetter(name)(self.indices)
+
+    def transform_scale(self, rho):
+        return torch.exp(rho) if self.scale_transform == "exp" else F.softplus(rho)
+
+    def scale(self, name):
+        return self.transform_scale(self.unconstrained_scale(name))
+
+    def get_posterior(self, name):
+        """The site's :class:`~pyro_ssvi.distributions.SparseNormal`."""
+        info = self.site_info(name)
+        index = None if info.full else self.active_index(name)
+        return SparseNormal(self.loc(name), self.scale(name), index, info.shape)
+
+    def active_mask(self, name):
+        """Boolean tensor shaped like the site, true on the active set."""
+        info = self.site_info(name)
+        index = self.active_index(name)
+        mask = torch.zeros(info.numel, dtype=torch.bool, device=index.device)
+        mask[index] = True
+        return mask.reshape(info.shape)
+
+    # Pyro guide ------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """Sample every latent site; returns ``{site name: dense sample}``."""
+        if self._sites is None:
+            self._setup_prototype(*args, **kwargs)
+        result = {}
+        for name in self._sites:
+            fn = self.get_posterior(name)
+            if self._taps is not None and name in self._taps:
+                fn._tap = functools.partial(self._record_tap, name)
+            result[name] = pyro.sample(name, fn)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """Posterior median (= mean) of every site as a dense tensor, exact zeros off the active set."""
+        self._require_setup("median")
+        return {name: self.get_posterior(name).mean.detach().clone() for name in self._sites}
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs):
+        """Posterior quantiles: ``{site: tensor of shape (len(quantiles),) + site shape}``.
+
+        Inactive coordinates are point masses at zero, so every quantile there is 0.
+        """
+        self._require_setup("quantiles")
+        out = {}
+        for name in self._sites:
+            fn = self.get_posterior(name)
+            q = torch.as_tensor(quantiles, dtype=fn.loc.dtype, device=fn.loc.device).reshape(-1, 1)
+            if not ((q > 0) & (q < 1)).all():
+                raise ValueError(f"quantiles: expected values in (0, 1), got {quantiles!r}")
+            active = torch.distributions.Normal(fn.loc, fn.scale).icdf(q)
+            out[name] = fn.scatter(active)
+        return out
+
+    # bookkeeping -----------------------------------------------------------------------
+    def summary(self):
+        """Per-site active counts: ``{site: {"active", "numel", "density", "shape"}}``."""
+        self._require_setup("summary")
+        return {
+            n: {"active": s.k, "numel": s.numel, "density": s.k / s.numel, "shape": tuple(s.shape)}
+            for n, s in self._sites.items()
+        }
+
+    def summary_table(self):
+        """The :meth:`summary` as an aligned text table."""
+        rows = [(n, str(v["shape"]), str(v["active"]), str(v["numel"]), f"{v['density']:.4f}") for n, v in self.summary().items()]
+        rows.append(("total", "", str(self.active_params), str(self.dense_params), f"{self.active_params / self.dense_params:.4f}"))
+        head = ("site", "shape", "active", "numel", "density")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
+
+    @property
+    def active_params(self):
+        """Number of random (active) coordinates over all sites."""
+        self._require_setup("active_params")
+        return sum(s.k for s in self._sites.values())
+
+    @property
+    def dense_params(self):
+        """Number of coordinates the latent sites have in all."""
+        self._require_setup("dense_params")
+        return sum(s.numel for s in self._sites.values())
+
+    def extra_repr(self):
+        if self._sites is None:
+            return "not set up"
+        return f"sites={len(self._sites)}, active={self.active_params}, dense={self.dense_params}"
+
+    @torch.no_grad()
+    def replace_entries(self, name, positions, new_index, loc, unconstrained_scale):
+        """Put new entries ``new_index`` into storage slots ``positions`` (in place).
+
+        :param loc: value(s) for the new entries' means.
+        :param unconstrained_scale: value(s) for their ``rho``.
+        """
+        info = self.site_info(name)
+        if positions.numel() != new_index.numel():
+            raise ValueError("positions and new_index must have one length")
+        if positions.numel() == 0:
+            return
+        if new_index.min() < 0 or new_index.max() >= info.numel:
+            raise ValueError(f"new_index: positions must lie in [0, {info.numel}) for site {name!r}")
+        self.active_index(name)[positions] = new_index
+        self.loc(name)[positions] = loc
+        self.unconstrained_scale(name)[positions] = unconstrained_scale
+
+    # dense gradients for gradient-based addition ---------------------------------------
+    def _record_tap(self, name, tensor):
+        if tensor.requires_grad:
+            tensor.retain_grad()
+            self._taps[name].append(tensor)
+
+    @contextlib.contextmanager
+    def capture_dense_grads(self, names):
+        """Within this context, dense samples / means of ``names`` keep their gradient.
+
+        After ``backward()``, :meth:`dense_grads` returns ``{site: flat dense gradient}``.
+        """
+        self._taps = {n: [] for n in names}
+        try:
+            yield self
+        finally:
+            self._captured, self._taps = self._taps, None
+
+    def dense_grads(self):
+        """Gradients captured by the last :meth:`capture_dense_grads` block (summed over taps)."""
+        out = {}
+        for name, tensors in getattr(self, "_captured", {}).items():
+            numel = self._sites[name].numel
+            grads = [t.grad.reshape(-1, numel).sum(0) for t in tensors if t.grad is not None]
+            if grads:
+                out[name] = sum(grads)
+        self._captured = {}
+        return out
+
+    # checkpoints -----------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self._require_setup("load_state_dict")
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for name, info in self._sites.items():
+            index = self.active_index(name)
+            if index.numel() and (index.min() < 0 or index.max() >= info.numel):
+                raise ValueError(f"state_dict: active indices of site {name!r} out of range [0, {info.numel})")
+        return result
+
+
+def inverse_scale_transform(scale, transform="softplus"):
+    """``rho`` such that ``transform(rho) == scale``."""
+    return _inverse_transform(torch.as_tensor(scale), transform)
+
+
+__all__ = ["SparseSubspaceGuide", "init_to_normal", "inverse_scale_transform"]

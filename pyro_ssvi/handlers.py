@@ -1,0 +1,43 @@
+"""Effect handlers (poutine messengers) used by SSVI.
+
+* :class:`SubspacePriorMessenger` (``subspace_prior``): restricts the model's
+  priors on a guide's sparse sites to the active coordinates (SPEC section 2), so
+  a Monte Carlo ELBO estimates ``E log p(D|theta) - KL(q || p_S)``.
+"""
+
+from pyro.poutine.messenger import Messenger
+
+from .distributions import SubspacePrior
+
+
+class SubspacePriorMessenger(Messenger):
+    r"""Replace each sparse site's prior ``p`` by ``p_S = prod_{i in S} p_i``.
+
+    ``S`` is read from the guide's ``indices`` buffers at every site, so the
+    handler follows subspace updates. Dense sites and observed sites are untouched.
+
+    Wrap the model, not the guide::
+
+        model_s = SubspacePriorMessenger(guide)(model)
+        loss = Trace_ELBO().differentiable_loss(model_s, guide, x, y)
+
+    :class:`~pyro_ssvi.SSVI` does this for you.
+    """
+
+    def __init__(self, guide):
+        super().__init__()
+        self.guide = guide
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or self.guide._sites is None:
+            return
+        info = self.guide._sites.get(msg["name"])
+        if info is None or info.full or isinstance(msg["fn"], SubspacePrior):
+            return
+        msg["fn"] = SubspacePrior(msg["fn"], self.guide.active_index(msg["name"]))
+
+
+def subspace_prior(fn=None, guide=None):
+    """Functional form of :class:`SubspacePriorMessenger`."""
+    msngr = SubspacePriorMessenger(guide)
+    return msngr(fn) if fn is not None else msngr

@@ -1,0 +1,241 @@
+"""``SSVI``: stochastic variational inference with subspace updates (SPEC section 3).
+
+A drop-in for :class:`pyro.infer.SVI`::
+
+    for t = 1 .. T:
+        one gradient step on the subspace ELBO (active coordinates only)
+        if t % update_every == 0 and t < stop_updates_at * T:
+            per sparse site: remove the floor(f(t) k) lowest-scoring active entries,
+            add as many by the addition criterion, new entries at (new_loc, mean rho),
+            reset the optimiser state of every changed slot
+
+Unlike the reference code, the gradient step of an update iteration is *taken*;
+its backward pass also provides the dense gradient that ``addition="gradient"``
+ranks candidates by (a dense gradient is only kept on update iterations).
+"""
+
+import contextlib
+import math
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.elbo import ELBO, ELBOModule
+from pyro.infer.util import zero_grads
+from pyro.optim import PyroOptim
+from pyro.optim.optim import is_scheduler
+
+from .criteria import get_addition, get_removal, needs_gradient
+from .guide import SparseSubspaceGuide, inverse_scale_transform
+from .handlers import SubspacePriorMessenger
+from .schedule import SwapSchedule
+from .subspace import select_swap
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of an SSVI step was NaN or infinite; no parameter was changed by that step."""
+
+
+def _torch_optimizers(optim):
+    if isinstance(optim, PyroOptim):
+        for opt in optim.optim_objs.values():
+            yield opt.optimizer if is_scheduler(opt) else opt
+    elif isinstance(optim, torch.optim.Optimizer):
+        yield optim
+    elif is_scheduler(optim):
+        yield optim.optimizer
+
+
+@torch.no_grad()
+def reset_optimizer_state(optim, params, positions):
+    """Zero the per-coordinate optimiser state (momentum, Adam moments...) of ``params`` at ``positions``.
+
+    Works for a :class:`pyro.optim.PyroOptim` (one torch optimiser per parameter) and for
+    a plain :class:`torch.optim.Optimizer`. Every state tensor shaped like the parameter
+    is reset; scalar state such as Adam's step count is shared and left alone.
+    """
+    if positions.numel() == 0:
+        return
+    params = list(params)
+    for opt in _torch_optimizers(optim):
+        for p in params:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value[positions] = 0
+
+
+class SSVI:
+    """Sparse Subspace Variational Inference: ``pyro.infer.SVI`` plus subspace updates.
+
+    :param model: the Pyro model.
+    :param SparseSubspaceGuide guide: the sparse guide.
+    :param optim: a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.Adam({"lr": 1e-2})``) or a
+        :class:`torch.optim.Optimizer` over the guide's (and model's) parameters; in the latter case
+        set the guide up first (``guide(*args)``) so its parameters exist.
+    :param loss: a Pyro ELBO (``Trace_ELBO()``, ``TraceMeanField_ELBO()``...), or the
+        ``ELBOModule`` that ``elbo(model, guide)`` returns.
+    :param int total_steps: ``T``, the number of steps the run will take.
+    :param int update_every: ``DeltaT`` (default 100).
+    :param float removal_fraction: ``alpha`` (default 0.3).
+    :param float stop_updates_at: fraction of ``T`` after which the subspace is frozen (0.75).
+    :param removal: a name from :data:`pyro_ssvi.criteria.REMOVAL_CRITERIA` or a callable
+        ``(loc, scale) -> score`` (higher = keep). Default ``"snr_abs"``.
+    :param addition: ``"gradient"`` (default), ``"random"`` or a callable ``(grad, candidates) -> scores``.
+    :param float new_loc: mean of entries that enter the active set (default 0).
+    :param new_scale: ``"mean"`` (default: the site's mean ``rho`` over its active entries,
+        as the reference code) or a positive float, the new entries' standard deviation.
+    :param bool local_reparameterization: sample pre-activations instead of weights in
+        ``F.linear``/``F.conv*`` (see :class:`pyro_ssvi.LocalReparameterizationMessenger`).
+        Default ``False``: plain weight sampling, exactly what ``pyro.infer.SVI`` does.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        optim,
+        loss,
+        *,
+        total_steps,
+        update_every=100,
+        removal_fraction=0.3,
+        stop_updates_at=0.75,
+        removal="snr_abs",
+        addition="gradient",
+        new_loc=0.0,
+        new_scale="mean",
+        local_reparameterization=False,
+    ):
+        if not isinstance(guide, SparseSubspaceGuide):
+            raise ValueError(f"guide: expected a SparseSubspaceGuide, got {type(guide).__name__}")
+        if isinstance(loss, ELBOModule):
+            loss = loss.elbo
+        if not isinstance(loss, ELBO):
+            raise ValueError(f"loss: expected a pyro.infer ELBO (e.g. Trace_ELBO()), got {type(loss).__name__}")
+        if not isinstance(optim, (PyroOptim, torch.optim.Optimizer)):
+            raise ValueError(
+                f"optim: expected a pyro.optim optimiser or a torch.optim.Optimizer, got {type(optim).__name__}"
+            )
+        if isinstance(optim, PyroOptim) and pyro.settings.get("module_local_params"):
+            raise ValueError(
+                "optim: with pyro.settings module_local_params=True, Pyro's param store does not see module "
+                "parameters; pass a torch.optim optimiser over Trace_ELBO()(model, guide).parameters()"
+            )
+        self.schedule = SwapSchedule(total_steps, update_every, removal_fraction, stop_updates_at)
+        self.removal = get_removal(removal)
+        self.addition = get_addition(addition)
+        if isinstance(new_loc, bool) or not isinstance(new_loc, (int, float)) or not math.isfinite(new_loc):
+            raise ValueError(f"new_loc: expected a finite float, got {new_loc!r}")
+        if not (new_scale == "mean" or (isinstance(new_scale, (int, float)) and not isinstance(new_scale, bool) and new_scale > 0)):
+            raise ValueError(f"new_scale: expected 'mean' or a positive float, got {new_scale!r}")
+        self.new_loc, self.new_scale = float(new_loc), new_scale
+        self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
+        self._model = SubspacePriorMessenger(guide)(model)
+        self.local_reparameterization = bool(local_reparameterization)
+        self._lrt = None
+        if self.local_reparameterization:
+            from .lrt import LocalReparameterizationMessenger
+
+            self._lrt = LocalReparameterizationMessenger()
+        self.history = []
+
+    @property
+    def step_count(self):
+        """Steps taken so far (stored in the guide's ``ssvi_step`` buffer, so it is checkpointed)."""
+        return int(self.guide.ssvi_step)
+
+    def _context(self):
+        return self._lrt if self._lrt is not None else contextlib.nullcontext()
+
+    def step(self, *args, **kwargs):
+        """One gradient step (and, on schedule, a subspace update). Returns the loss as a float."""
+        self.guide.setup(*args, **kwargs)
+        t = self.step_count + 1
+        sparse = self.guide.sparse_site_names()
+        update = bool(sparse) and self.schedule.is_update_step(t)
+        capture = update and needs_gradient(self.addition)
+        taps = self.guide.capture_dense_grads(sparse) if capture else contextlib.nullcontext()
+        with taps, self._context():
+            if isinstance(self.optim, PyroOptim):
+                with poutine.trace(param_only=True) as param_capture:
+                    loss = self.loss.loss_and_grads(self._model, self.guide, *args, **kwargs)
+                params = set(site["value"].unconstrained() for site in param_capture.trace.nodes.values())
+                self._check_finite(loss, t)
+                self.optim(params)
+                zero_grads(params)
+            else:
+                self.optim.zero_grad()
+                loss_t = self.loss.differentiable_loss(self._model, self.guide, *args, **kwargs)
+                loss = float(loss_t)
+                self._check_finite(loss, t)
+                loss_t.backward()
+                self.optim.step()
+        if update:
+            self._update(t, self.guide.dense_grads() if capture else {})
+        self.guide.ssvi_step.add_(1)
+        return loss
+
+    def evaluate_loss(self, *args, **kwargs):
+        """The loss on ``args`` without a gradient step or update."""
+        self.guide.setup(*args, **kwargs)
+        with torch.no_grad(), self._context():
+            return float(self.loss.loss(self._model, self.guide, *args, **kwargs))
+
+    def _check_finite(self, loss, t):
+        if math.isfinite(loss):
+            return
+        bad = []
+        for name in self.guide.site_names:
+            for what, p in (("loc", self.guide.loc(name)), ("scale", self.guide.unconstrained_scale(name))):
+                if not torch.isfinite(p).all():
+                    bad.append(f"{name} ({what})")
+                elif p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.append(f"{name} ({what} gradient)")
+        where = ", ".join(bad) if bad else "none (the likelihood itself overflowed: check the data and model)"
+        raise NonFiniteLossError(
+            f"step {t}: the loss is {loss}; sites with non-finite parameters or gradients: {where}. "
+            "Training stopped; lower the learning rate or check the model."
+        )
+
+    @torch.no_grad()
+    def _update(self, t, grads):
+        guide = self.guide
+        record = {"step": t, "fraction": self.schedule.fraction(t), "swapped": {}, "abs_mean_overlap": {}}
+        for name in guide.sparse_site_names():
+            info = guide.site_info(name)
+            n = self.schedule.num_swaps(info.k, t)
+            record["swapped"][name] = 0
+            if n == 0:
+                continue
+            loc, rho, index = guide.loc(name), guide.unconstrained_scale(name), guide.active_index(name)
+            scores = self.removal(loc.detach(), guide.transform_scale(rho.detach()))
+            if not torch.is_tensor(scores) or scores.shape != loc.shape:
+                raise ValueError(f"removal: the criterion returned shape {getattr(scores, 'shape', None)} for site {name!r}, expected {tuple(loc.shape)}")
+            grad = grads.get(name)
+            if grad is None and needs_gradient(self.addition):
+                raise RuntimeError(
+                    f"site {name!r}: no dense gradient was recorded on step {t}; the model does not use the "
+                    "sampled value differentiably. Use addition='random' for such sites."
+                )
+            decision = select_swap(index, scores, n, info.numel, lambda cand: self.addition(grad, cand))
+            abs_removed = index[torch.topk(loc.abs(), n, largest=False, sorted=False).indices]
+            overlap = torch.isin(decision.removed, abs_removed).sum().item() / n
+            if self.new_scale == "mean":
+                new_rho = rho.mean()
+            else:
+                new_rho = inverse_scale_transform(self.new_scale, guide.scale_transform).to(rho)
+            guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho)
+            reset_optimizer_state(self.optim, (loc, rho), decision.positions)
+            record["swapped"][name] = int(decision.positions.numel())
+            record["abs_mean_overlap"][name] = overlap
+        self.history.append(record)
+
+    def state_dict(self):
+        """SSVI's own state (the update history); the step counter lives in the guide."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state):
+        self.history = list(state["history"])
