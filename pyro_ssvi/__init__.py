@@ -9,6 +9,7 @@ from . import criteria
 from .distributions import SparseNormal, SubspacePrior
 from .guide import SparseSubspaceGuide, init_to_normal
 from .handlers import SubspacePriorMessenger, subspace_prior
+from .lrt import LocalReparameterizationMessenger, local_reparameterization
 from .schedule import SwapSchedule
 from .subspace import select_swap
 from .svi import SSVI, NonFiniteLossError, reset_optimizer_state
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SSVI",
     "NonFiniteLossError",
+    "LocalReparameterizationMessenger",
+    "local_reparameterization",
     "SparseNormal",
     "SparseSubspaceGuide",
     "SubspacePrior",

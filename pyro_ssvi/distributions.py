@@ -57,13 +57,6 @@ def _flat(value, shape):
     return value.reshape(value.shape[: value.dim() - len(shape)] + (-1,))
 
 
-def _active_params(base, index, shape):
-    """Gather a Normal base's ``loc`` and ``scale`` at flat ``index`` without densifying them."""
-    coords = torch.unravel_index(index, shape)
-    loc, scale = broadcast_all(base.loc, base.scale)
-    return torch.broadcast_to(loc, shape)[coords], torch.broadcast_to(scale, shape)[coords]
-
-
 class SparseNormal(TorchDistribution):
     r"""Mean-field Normal on an active set ``S`` of a tensor, exact zeros elsewhere.
 
@@ -107,9 +100,9 @@ class SparseNormal(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         k = (self.num_active,)
-        return SparseNormal(
-            self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape
-        )
+        new = SparseNormal(self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape)
+        new._tap = self._tap
+        return new
 
     # dense <-> active conversions ------------------------------------------------
     def scatter(self, active):
@@ -216,12 +209,13 @@ def _kl_active(q, p):
         raise NotImplementedError
     if p.event_shape != q.event_shape:
         raise NotImplementedError
+    batch = p.batch_shape
+    ploc, pscale = (torch.broadcast_to(t, batch + q.site_shape) for t in broadcast_all(base.loc, base.scale))
     if q.index is None:
-        ploc, pscale = broadcast_all(base.loc, base.scale)
-        ploc = torch.broadcast_to(ploc, q.site_shape).reshape(-1)
-        pscale = torch.broadcast_to(pscale, q.site_shape).reshape(-1)
-    else:
-        ploc, pscale = _active_params(base, q.index, q.site_shape)
+        ploc, pscale = ploc.reshape(batch + (-1,)), pscale.reshape(batch + (-1,))
+    else:  # gather without densifying the (possibly expanded) prior parameters
+        coords = (Ellipsis,) + torch.unravel_index(q.index, q.site_shape)
+        ploc, pscale = ploc[coords], pscale[coords]
     var_ratio = (q.scale / pscale) ** 2
     t1 = ((q.loc - ploc) / pscale) ** 2
     return (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)

@@ -152,13 +152,14 @@ class SSVI:
 
     def step(self, *args, **kwargs):
         """One gradient step (and, on schedule, a subspace update). Returns the loss as a float."""
-        self.guide.setup(*args, **kwargs)
         t = self.step_count + 1
+        with self._guard(t):
+            self.guide.setup(*args, **kwargs)
         sparse = self.guide.sparse_site_names()
         update = bool(sparse) and self.schedule.is_update_step(t)
         capture = update and needs_gradient(self.addition)
         taps = self.guide.capture_dense_grads(sparse) if capture else contextlib.nullcontext()
-        with taps, self._context():
+        with taps, self._context(), self._guard(t):
             if isinstance(self.optim, PyroOptim):
                 with poutine.trace(param_only=True) as param_capture:
                     loss = self.loss.loss_and_grads(self._model, self.guide, *args, **kwargs)
@@ -169,7 +170,7 @@ class SSVI:
             else:
                 self.optim.zero_grad()
                 loss_t = self.loss.differentiable_loss(self._model, self.guide, *args, **kwargs)
-                loss = float(loss_t)
+                loss = loss_t.detach().item()
                 self._check_finite(loss, t)
                 loss_t.backward()
                 self.optim.step()
@@ -184,21 +185,39 @@ class SSVI:
         with torch.no_grad(), self._context():
             return float(self.loss.loss(self._model, self.guide, *args, **kwargs))
 
-    def _check_finite(self, loss, t):
-        if math.isfinite(loss):
-            return
+    def _non_finite_sites(self):
         bad = []
+        if self.guide._sites is None:
+            return bad
         for name in self.guide.site_names:
             for what, p in (("loc", self.guide.loc(name)), ("scale", self.guide.unconstrained_scale(name))):
                 if not torch.isfinite(p).all():
                     bad.append(f"{name} ({what})")
                 elif p.grad is not None and not torch.isfinite(p.grad).all():
                     bad.append(f"{name} ({what} gradient)")
-        where = ", ".join(bad) if bad else "none (the likelihood itself overflowed: check the data and model)"
+        return bad
+
+    def _fail(self, t, what, cause=None):
+        bad = self._non_finite_sites()
+        where = ", ".join(bad) if bad else "none (the model or data produced it: check them)"
         raise NonFiniteLossError(
-            f"step {t}: the loss is {loss}; sites with non-finite parameters or gradients: {where}. "
-            "Training stopped; lower the learning rate or check the model."
-        )
+            f"step {t}: {what}; sites with non-finite parameters or gradients: {where}. "
+            "Training stopped; lower the learning rate or check the model and data."
+        ) from cause
+
+    def _check_finite(self, loss, t):
+        if not math.isfinite(loss):
+            self._fail(t, f"the loss is {loss}")
+
+    @contextlib.contextmanager
+    def _guard(self, t):
+        """Turn Pyro's validation errors about non-finite values into a NonFiniteLossError."""
+        try:
+            yield
+        except ValueError as e:
+            if "invalid values" not in str(e):
+                raise
+            self._fail(t, "a distribution got non-finite values: " + str(e).splitlines()[0], e)
 
     @torch.no_grad()
     def _update(self, t, grads):

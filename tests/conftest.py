@@ -1,0 +1,48 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule, PyroSample
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+class BNN(PyroModule):
+    """The model of the README's usage example."""
+
+    def __init__(self, d_in=64, hidden=100, d_out=10, prior_scale=1.0):
+        super().__init__()
+        self.fc1 = PyroModule[torch.nn.Linear](d_in, hidden)
+        self.fc1.weight = PyroSample(dist.Normal(0.0, prior_scale).expand([hidden, d_in]).to_event(2))
+        self.fc2 = PyroModule[torch.nn.Linear](hidden, d_out)
+        self.fc2.weight = PyroSample(dist.Normal(0.0, prior_scale).expand([d_out, hidden]).to_event(2))
+
+    def forward(self, x, y=None):
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+
+@pytest.fixture
+def bnn():
+    return BNN()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(X), generator=g)
+    X, y = X[perm], y[perm]
+    return X[:1400], y[:1400], X[1400:], y[1400:]

@@ -1,0 +1,238 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule, PyroSample
+
+from conftest import BNN
+from pyro_ssvi import SSVI, NonFiniteLossError, SparseSubspaceGuide, reset_optimizer_state
+
+
+def make_svi(model=None, optim=None, loss=None, density=0.1, **kwargs):
+    pyro.clear_param_store()
+    model = model or BNN()
+    guide = SparseSubspaceGuide(model, density=density)
+    kwargs.setdefault("total_steps", 100)
+    kwargs.setdefault("update_every", 10)
+    svi = SSVI(model, guide, optim or pyro.optim.Adam({"lr": 1e-2}), loss or pyro.infer.TraceMeanField_ELBO(), **kwargs)
+    return model, guide, svi
+
+
+def test_active_counts_never_change_and_history_is_recorded(digits):
+    Xtr, ytr, _, _ = digits
+    model, guide, svi = make_svi(total_steps=60, update_every=10, removal_fraction=0.5)
+    for _ in range(60):
+        svi.step(Xtr[:64], ytr[:64])
+        for name in guide.site_names:
+            assert guide.active_index(name).unique().numel() == guide.site_info(name).k
+    assert [h["step"] for h in svi.history] == [10, 20, 30, 40]  # T_end = 45
+    first = svi.history[0]
+    assert first["fraction"] == pytest.approx(0.25 * (1 + math.cos(math.pi * 10 / 45)))
+    assert 0 < first["swapped"]["fc1.weight"] <= math.floor(first["fraction"] * 640)
+    assert 0.0 <= first["abs_mean_overlap"]["fc1.weight"] <= 1.0
+    assert svi.step_count == 60 and int(guide.ssvi_step) == 60
+
+
+def _adam_state(optim, param):
+    return next(o.state[param] for o in optim.optim_objs.values() if param in o.state)
+
+
+@pytest.mark.parametrize("torch_optim", [False, True])
+def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, torch_optim):
+    Xtr, ytr, _, _ = digits
+    pyro.clear_param_store()
+    model = BNN()
+    guide = SparseSubspaceGuide(model, density=0.1)
+    guide(Xtr[:8], ytr[:8])
+    if torch_optim:
+        optim = torch.optim.Adam(guide.parameters(), lr=1e-2)
+    else:
+        optim = pyro.optim.Adam({"lr": 1e-2})
+    svi = SSVI(model, guide, optim, pyro.infer.Trace_ELBO(), total_steps=100, update_every=10, new_scale=0.05, addition="random")
+    for _ in range(9):
+        svi.step(Xtr[:64], ytr[:64])
+    before = {n: guide.active_index(n).clone() for n in guide.site_names}
+    svi.step(Xtr[:64], ytr[:64])  # step 10: update
+    for name in guide.site_names:
+        loc, rho = guide.loc(name), guide.unconstrained_scale(name)
+        changed = (guide.active_index(name) != before[name]).nonzero().squeeze(-1)
+        assert changed.numel() == svi.history[-1]["swapped"][name] > 0
+        assert (loc[changed] == 0).all()
+        torch.testing.assert_close(guide.scale(name)[changed], torch.full((changed.numel(),), 0.05))
+        state = optim.state[loc] if torch_optim else _adam_state(optim, loc)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (state[key][changed] == 0).all()
+            unchanged = torch.ones_like(loc, dtype=torch.bool)
+            unchanged[changed] = False
+            assert (state[key][unchanged] != 0).any()
+
+
+def test_new_scale_mean_uses_the_sites_mean_rho(digits):
+    Xtr, ytr, _, _ = digits
+    model, guide, svi = make_svi(addition="random", update_every=5)
+    for _ in range(4):
+        svi.step(Xtr[:64], ytr[:64])
+    rho_mean = {n: guide.unconstrained_scale(n).mean().item() for n in guide.site_names}
+    before = {n: guide.active_index(n).clone() for n in guide.site_names}
+    svi._update(5, {})
+    for name in guide.site_names:
+        changed = guide.active_index(name) != before[name]
+        assert changed.any()
+        torch.testing.assert_close(guide.unconstrained_scale(name)[changed], torch.full((int(changed.sum()),), rho_mean[name]))
+
+
+def test_reset_optimizer_state_for_sgd_momentum():
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(5)
+    opt.step()
+    reset_optimizer_state(opt, [p], torch.tensor([1, 3]))
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_gradient_addition_gets_the_dense_gradient(digits):
+    Xtr, ytr, _, _ = digits
+    seen = {}
+
+    def addition(grad, candidates):
+        seen[grad.numel()] = grad
+        return grad.abs()
+
+    model, guide, svi = make_svi(addition=addition, update_every=3)
+    for _ in range(3):
+        svi.step(Xtr[:64], ytr[:64])
+    assert set(seen) == {6400, 1000}
+    for name, numel in (("fc1.weight", 6400), ("fc2.weight", 1000)):
+        inactive = ~guide.active_mask(name).reshape(-1)
+        # the dense gradient is informative off the active set, which is what addition needs
+        assert (seen[numel][inactive] != 0).any()
+
+
+def test_callable_removal_criterion(digits):
+    Xtr, ytr, _, _ = digits
+    calls = []
+
+    def removal(loc, scale):
+        calls.append(loc.shape)
+        return -loc.abs()  # remove the largest: a deliberately odd rule
+
+    model, guide, svi = make_svi(removal=removal, update_every=2)
+    before = guide
+    for _ in range(2):
+        svi.step(Xtr[:64], ytr[:64])
+    assert calls == [torch.Size([640]), torch.Size([100])]
+    assert before is guide
+
+
+def test_removal_criterion_must_return_one_score_per_entry(digits):
+    Xtr, ytr, _, _ = digits
+    model, guide, svi = make_svi(removal=lambda loc, scale: loc[:3], update_every=1)
+    with pytest.raises(ValueError, match="removal.*fc1.weight"):
+        svi.step(Xtr[:64], ytr[:64])
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        ({"update_every": 0}, "update_every"),
+        ({"removal": "largest"}, "removal"),
+        ({"addition": "dense"}, "addition"),
+        ({"removal_fraction": 2.0}, "removal_fraction"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"new_scale": -1.0}, "new_scale"),
+    ],
+)
+def test_bad_arguments(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        make_svi(**kwargs)
+
+
+def test_bad_guide_loss_and_optim():
+    model = BNN()
+    guide = SparseSubspaceGuide(model)
+    with pytest.raises(ValueError, match="guide"):
+        SSVI(model, pyro.infer.autoguide.AutoNormal(model), pyro.optim.Adam({}), pyro.infer.Trace_ELBO(), total_steps=5)
+    with pytest.raises(ValueError, match="loss"):
+        SSVI(model, guide, pyro.optim.Adam({}), lambda m, g: 0.0, total_steps=5)
+    with pytest.raises(ValueError, match="optim"):
+        SSVI(model, guide, "adam", pyro.infer.Trace_ELBO(), total_steps=5)
+
+
+def test_non_finite_loss_names_step_and_sites(digits):
+    Xtr, ytr, _, _ = digits
+    model, guide, svi = make_svi()
+    svi.step(Xtr[:32], ytr[:32])
+    with torch.no_grad():
+        guide.loc("fc2.weight")[3] = float("nan")
+    before = guide.loc("fc1.weight").detach().clone()
+    with pytest.raises(NonFiniteLossError, match=r"step 2: .*fc2\.weight \(loc\)") as err:
+        svi.step(Xtr[:32], ytr[:32])
+    assert "fc1.weight" not in str(err.value)
+    assert torch.equal(before, guide.loc("fc1.weight"))  # the failed step changed nothing
+    assert svi.step_count == 1
+
+
+def test_non_finite_data_is_reported_too(digits):
+    Xtr, ytr, _, _ = digits
+    model, guide, svi = make_svi()
+    X = Xtr[:32].clone()
+    X[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        svi.step(X, ytr[:32])
+
+
+def test_evaluate_loss_does_not_change_parameters(digits):
+    Xtr, ytr, _, _ = digits
+    model, guide, svi = make_svi()
+    svi.step(Xtr[:32], ytr[:32])
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    loss = svi.evaluate_loss(Xtr[:32], ytr[:32])
+    assert math.isfinite(loss)
+    for k, v in guide.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+class Regression(PyroModule):
+    def __init__(self, prior, d=12):
+        super().__init__()
+        self.w = PyroSample(prior.expand([d]).to_event(1))
+
+    def forward(self, x, y=None):
+        mean = x @ self.w
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+
+
+@pytest.mark.parametrize("prior", [dist.Normal(0.0, 0.7), dist.Laplace(0.1, 0.5)], ids=["normal", "laplace"])
+def test_trace_elbo_and_mean_field_elbo_agree_in_expectation(prior):
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 12), torch.randn(30)
+    model = Regression(prior)
+    guide = SparseSubspaceGuide(model, density=0.25, init_scale=0.3, init_loc_fn=lambda site: torch.randn(12))
+    guide(x, y)
+    svi_mc = SSVI(model, guide, pyro.optim.Adam({}), pyro.infer.Trace_ELBO(), total_steps=1)
+    svi_mf = SSVI(model, guide, pyro.optim.Adam({}), pyro.infer.TraceMeanField_ELBO(), total_steps=1)
+    n = 4000
+    mc = torch.tensor([svi_mc.evaluate_loss(x, y) for _ in range(n)])
+    mf = torch.tensor([svi_mf.evaluate_loss(x, y) for _ in range(n)])
+    se = (mc.var() / n + mf.var() / n).sqrt()
+    assert abs(mc.mean() - mf.mean()) < 4 * se
+
+
+def test_subspace_prior_drops_exactly_the_inactive_coordinates():
+    x, y = torch.randn(30, 12), torch.randn(30)
+    prior = dist.Laplace(0.1, 0.5)
+    model = Regression(prior)
+    guide = SparseSubspaceGuide(model, density=0.25)
+    guide(x, y)
+    svi = SSVI(model, guide, pyro.optim.Adam({}), pyro.infer.Trace_ELBO(), total_steps=1)
+    guide_tr = pyro.poutine.trace(guide).get_trace(x, y)
+    sub = pyro.poutine.trace(pyro.poutine.replay(svi._model, guide_tr)).get_trace(x, y)
+    dense = pyro.poutine.trace(pyro.poutine.replay(model, guide_tr)).get_trace(x, y)
+    inactive = (~guide.active_mask("w")).sum()
+    offset = inactive * prior.log_prob(torch.tensor(0.0))
+    diff = dense.nodes["w"]["fn"].log_prob(guide_tr.nodes["w"]["value"]) - sub.nodes["w"]["fn"].log_prob(guide_tr.nodes["w"]["value"])
+    torch.testing.assert_close(diff, offset)
