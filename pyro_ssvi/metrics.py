@@ -1,0 +1,226 @@
+r"""Predictive quality and uncertainty metrics, and batched Monte Carlo prediction.
+
+Classification (``probs``: predictive class probabilities, shape ``(N, C)``; ``y``: labels ``(N,)``):
+
+* :func:`accuracy`, :func:`nll` (mean ``-log p(y|x)``), :func:`brier` (mean over examples of
+  :math:`\sum_c (p_c - 1[y=c])^2`),
+* :func:`ece`: expected calibration error with 15 equal-width bins on the top-label confidence,
+  :math:`\sum_b \frac{|B_b|}{N} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`, and
+  :func:`reliability_diagram` (the per-bin data behind it; :func:`plot_reliability` draws it).
+
+Uncertainty from MC samples (``sample_probs``: ``(S, N, C)``):
+
+* :func:`predictive_entropy` :math:`H[\bar p]`, :func:`mutual_information`
+  :math:`H[\bar p] - \frac1S \sum_s H[p_s]` (the epistemic part),
+* :func:`ood_metrics`: AUROC, AUPR (out-of-distribution = positive class) and FPR at 95% TPR
+  from any score that is higher for OOD inputs.
+
+Regression (targets normalised for training; metrics in the original units):
+
+* :func:`rmse`, :func:`gaussian_test_ll` (log of the MC mixture of Gaussians per test point).
+
+:func:`mc_predict` runs a guide and a model for ``num_samples`` weight draws over data batches
+while holding only one weight sample at a time, returning the model's return value per draw.
+"""
+
+import math
+
+import pyro.poutine as poutine
+import torch
+
+_EPS = 1e-12
+
+
+def _check(probs, y):
+    if probs.dim() != 2:
+        raise ValueError(f"probs: expected shape (N, C), got {tuple(probs.shape)}")
+    if y.shape != probs.shape[:1]:
+        raise ValueError(f"y: expected shape ({probs.shape[0]},), got {tuple(y.shape)}")
+
+
+def accuracy(probs, y):
+    _check(probs, y)
+    return (probs.argmax(-1) == y).double().mean().item()
+
+
+def nll(probs, y):
+    """Mean negative log-likelihood of the labels (probabilities clamped at 1e-12)."""
+    _check(probs, y)
+    p = probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1).double()
+    return -(p.clamp_min(_EPS).log()).mean().item()
+
+
+def brier(probs, y):
+    """Multi-class Brier score: mean over examples of ``sum_c (p_c - onehot_c)^2``."""
+    _check(probs, y)
+    onehot = torch.nn.functional.one_hot(y.long(), probs.shape[-1]).to(torch.float64)
+    return ((probs.double() - onehot) ** 2).sum(-1).mean().item()
+
+
+def reliability_diagram(probs, y, n_bins=15):
+    """Per-bin top-label confidence, accuracy and count for equal-width bins on [0, 1]."""
+    _check(probs, y)
+    conf, pred = probs.double().max(-1)
+    correct = (pred == y).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    # bin b holds confidences in (edges[b], edges[b+1]]; a confidence of exactly 0 joins bin 0
+    bins = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
+    counts = torch.bincount(bins, minlength=n_bins).double()
+    conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    nonempty = counts > 0
+    mean_conf = torch.where(nonempty, conf_sum / counts.clamp_min(1), torch.full_like(counts, float("nan")))
+    mean_acc = torch.where(nonempty, acc_sum / counts.clamp_min(1), torch.full_like(counts, float("nan")))
+    return {"edges": edges, "confidence": mean_conf, "accuracy": mean_acc, "counts": counts}
+
+
+def ece(probs, y, n_bins=15):
+    """Top-label expected calibration error with ``n_bins`` equal-width bins."""
+    d = reliability_diagram(probs, y, n_bins)
+    nonempty = d["counts"] > 0
+    gaps = (d["accuracy"][nonempty] - d["confidence"][nonempty]).abs()
+    return (d["counts"][nonempty] * gaps).sum().item() / d["counts"].sum().item()
+
+
+def plot_reliability(probs, y, ax=None, n_bins=15, label=None):
+    """Draw a reliability diagram with matplotlib; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    d = reliability_diagram(probs, y, n_bins)
+    ax = ax or plt.gca()
+    centers = (d["edges"][:-1] + d["edges"][1:]) / 2
+    ax.bar(centers.numpy(), torch.nan_to_num(d["accuracy"]).numpy(), width=1 / n_bins, alpha=0.6, edgecolor="k", label=label)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"ECE = {ece(probs, y, n_bins):.3f}")
+    return ax
+
+
+def _entropy(p):
+    p = p.double()
+    return -(p * p.clamp_min(_EPS).log()).sum(-1)
+
+
+def predictive_entropy(sample_probs):
+    """Entropy of the MC-averaged predictive, per example; input ``(S, N, C)``."""
+    return _entropy(sample_probs.mean(0))
+
+
+def mutual_information(sample_probs):
+    """Mutual information between label and weights (BALD), per example; input ``(S, N, C)``."""
+    return (_entropy(sample_probs.mean(0)) - _entropy(sample_probs).mean(0)).clamp_min(0.0)
+
+
+def _binary_scores(scores_in, scores_out):
+    scores = torch.cat([scores_in.reshape(-1), scores_out.reshape(-1)]).double()
+    labels = torch.cat([torch.zeros(scores_in.numel()), torch.ones(scores_out.numel())]).double()
+    return scores, labels
+
+
+def _pr_points(scores, labels):
+    """Precision and recall at each distinct threshold, from the highest score down."""
+    order = scores.argsort(descending=True)
+    s, l = scores[order], labels[order]
+    tps = torch.cumsum(l, 0)
+    fps = torch.cumsum(1 - l, 0)
+    last_of_run = torch.ones_like(s, dtype=torch.bool)
+    last_of_run[:-1] = s[1:] != s[:-1]
+    return tps[last_of_run], fps[last_of_run]
+
+
+def auroc(scores_in, scores_out):
+    """Area under the ROC curve with OOD as the positive class (trapezoids: ties count one half)."""
+    scores, labels = _binary_scores(scores_in, scores_out)
+    n_pos, n_neg = labels.sum(), (1 - labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("auroc: needs at least one in-distribution and one OOD score")
+    tps, fps = _pr_points(scores, labels)
+    zero = torch.zeros(1, dtype=torch.float64)
+    tpr = torch.cat([zero, tps / n_pos])
+    fpr = torch.cat([zero, fps / n_neg])
+    return torch.trapezoid(tpr, fpr).item()
+
+
+def aupr(scores_in, scores_out):
+    """Average precision with OOD as positive: ``sum_n (R_n - R_{n-1}) P_n``."""
+    scores, labels = _binary_scores(scores_in, scores_out)
+    tps, fps = _pr_points(scores, labels)
+    precision = tps / (tps + fps)
+    recall = tps / labels.sum()
+    prev = torch.cat([torch.zeros(1, dtype=torch.float64), recall[:-1]])
+    return ((recall - prev) * precision).sum().item()
+
+
+def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
+    """False positive rate at the lowest threshold whose true positive rate reaches ``tpr``."""
+    scores, labels = _binary_scores(scores_in, scores_out)
+    tps, fps = _pr_points(scores, labels)
+    tpr_curve = tps / labels.sum()
+    i = int(torch.nonzero(tpr_curve >= tpr - 1e-12)[0])
+    return (fps[i] / (1 - labels).sum()).item()
+
+
+def ood_metrics(scores_in, scores_out):
+    """AUROC, AUPR and FPR at 95% TPR; scores must be higher for out-of-distribution inputs."""
+    return {
+        "auroc": auroc(scores_in, scores_out),
+        "aupr": aupr(scores_in, scores_out),
+        "fpr95": fpr_at_tpr(scores_in, scores_out, 0.95),
+    }
+
+
+def rmse(pred_mean, y, y_std=1.0):
+    """Root mean squared error in original units (``pred_mean``, ``y`` normalised by ``y_std``)."""
+    return (((pred_mean - y).double() ** 2).mean().sqrt() * y_std).item()
+
+
+def gaussian_test_ll(sample_means, noise_std, y, y_std=1.0):
+    r"""Average predictive log-likelihood in original units.
+
+    For each test point: :math:`\log \frac1S \sum_s \mathcal N(y; \mu_s, \sigma^2) - \log y_{std}`,
+    where ``sample_means`` is ``(S, N)`` and ``noise_std`` a scalar or ``(S,)``/``(S, N)`` tensor,
+    all in normalised units.
+    """
+    mu = sample_means.double()
+    sd = torch.as_tensor(noise_std, dtype=torch.float64)
+    while sd.dim() < mu.dim():
+        sd = sd.unsqueeze(-1)
+    lp = torch.distributions.Normal(mu, sd).log_prob(y.double())
+    ll = torch.logsumexp(lp, 0) - math.log(mu.shape[0]) - math.log(y_std)
+    return ll.mean().item()
+
+
+@torch.no_grad()
+def mc_predict(model, guide, x, *args, num_samples=10, batch_size=None, **kwargs):
+    """Model return values for ``num_samples`` guide draws: a tensor ``(num_samples, N, ...)``.
+
+    Data go through in batches of ``batch_size`` (all at once when ``None``); for each batch and
+    draw the guide is sampled once and the model replayed on it, so one weight sample is alive at
+    a time. Extra ``args``/``kwargs`` are passed to both after ``x``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    n = x.shape[0]
+    batch_size = n if batch_size is None else batch_size
+    out = []
+    for start in range(0, n, batch_size):
+        xb = x[start : start + batch_size]
+        draws = []
+        for _ in range(num_samples):
+            trace = poutine.trace(guide).get_trace(xb, *args, **kwargs)
+            draws.append(poutine.block(poutine.replay(model, trace=trace))(xb, *args, **kwargs))
+        out.append(torch.stack(draws))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def mean_predict(model, guide, x, *args, **kwargs):
+    """The model's return value with every latent site at the guide's median (posterior mean)."""
+    return poutine.block(poutine.condition(model, data=guide.median()))(x, *args, **kwargs)
+
+
+def classification_report(sample_logits, y):
+    """Accuracy, NLL, ECE and Brier of the MC-averaged predictive from logits ``(S, N, C)``."""
+    probs = sample_logits.softmax(-1).mean(0)
+    return {"accuracy": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y), "brier": brier(probs, y)}

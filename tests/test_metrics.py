@@ -1,0 +1,107 @@
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from conftest import BNN
+from pyro_ssvi import SparseSubspaceGuide, metrics
+
+
+def test_accuracy_nll_brier_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.5, 0.0]])
+    y = torch.tensor([0, 1, 2])
+    assert metrics.accuracy(probs, y) == pytest.approx(1 / 3)
+    assert metrics.nll(probs, y) == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(1e-12)) / 3)
+    b = ((0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.7**2 + 0.6**2) + (0.5**2 + 0.5**2 + 1.0)) / 3
+    assert metrics.brier(probs, y) == pytest.approx(b)
+
+
+def test_ece_by_hand():
+    # confidences 0.9 (correct), 0.9 (wrong), 0.55 (correct), 0.3 (wrong): bins (0.867,0.933], (0.533,0.6], (0.267,0.333]
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.55, 0.45], [0.3, 0.7]])
+    probs[3] = torch.tensor([0.3, 0.7])
+    y = torch.tensor([0, 1, 0, 0])
+    # example 4 predicts class 1 with confidence 0.7, wrong
+    expected = (2 * abs(0.5 - 0.9) + 1 * abs(1 - 0.55) + 1 * abs(0 - 0.7)) / 4
+    assert metrics.ece(probs, y) == pytest.approx(expected)
+    d = metrics.reliability_diagram(probs, y)
+    assert d["counts"].sum() == 4 and len(d["edges"]) == 16
+    assert d["counts"][13] == 2  # 0.9 lies in (13/15, 14/15]
+
+
+def test_ece_of_a_calibrated_predictor_is_small():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    conf = torch.rand(n, generator=g) * 0.5 + 0.5
+    correct = torch.rand(n, generator=g) < conf
+    probs = torch.stack([conf, 1 - conf], -1)
+    y = torch.where(correct, 0, 1)
+    # each of ~8 occupied bins has ~2500 points: |acc - conf| ~ sqrt(0.25/2500) = 0.01
+    assert metrics.ece(probs, y) < 0.03
+
+
+def test_entropy_and_mutual_information():
+    agree = torch.tensor([[[0.5, 0.5]], [[0.5, 0.5]]])
+    disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    assert metrics.predictive_entropy(agree).item() == pytest.approx(math.log(2))
+    assert metrics.mutual_information(agree).item() == pytest.approx(0.0, abs=1e-9)
+    assert metrics.mutual_information(disagree).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ood_metrics_match_scikit_learn(ties):
+    g = torch.Generator().manual_seed(1)
+    s_in = torch.randn(300, generator=g)
+    s_out = torch.randn(200, generator=g) + 1.0
+    if ties:
+        s_in, s_out = s_in.round(), s_out.round()
+    labels = np.r_[np.zeros(300), np.ones(200)]
+    scores = np.r_[s_in.numpy(), s_out.numpy()]
+    assert metrics.auroc(s_in, s_out) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert metrics.aupr(s_in, s_out) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_fpr_at_95_tpr_by_hand():
+    s_in = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    s_out = torch.arange(20.0) + 2.5  # 19 of 20 above 3.0, all above 2.0
+    # TPR >= 0.95 at threshold 3.5 (19/20): no in-distribution score is >= 3.5
+    assert metrics.fpr_at_tpr(s_in, s_out) == 0.0
+    s_out = torch.arange(20.0) + 0.5  # 19 of 20 >= 1.5: in-distribution scores 2, 3 lie above
+    assert metrics.fpr_at_tpr(s_in, s_out) == pytest.approx(2 / 4)
+
+
+def test_regression_metrics_by_hand():
+    y = torch.tensor([0.0, 1.0])
+    assert metrics.rmse(torch.tensor([1.0, 1.0]), y, y_std=2.0) == pytest.approx(math.sqrt(0.5) * 2)
+    means = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    ll = metrics.gaussian_test_ll(means, 0.5, y, y_std=2.0)
+    assert ll == pytest.approx(torch.distributions.Normal(0.0, 0.5).log_prob(torch.tensor(0.0)).item() - math.log(2.0))
+    mixed = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    expected = np.mean([math.log(0.5 * (math.exp(-0.5 * (a / 0.5) ** 2) + math.exp(-0.5 * (b / 0.5) ** 2)) / (0.5 * math.sqrt(2 * math.pi))) for a, b in [(0, 1), (1, 0)]])
+    assert metrics.gaussian_test_ll(mixed, 0.5, y) == pytest.approx(expected)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="probs"):
+        metrics.accuracy(torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match="y"):
+        metrics.accuracy(torch.ones(3, 2), torch.ones(2))
+
+
+def test_mc_predict_in_batches_matches_shapes_and_mean_predict(digits):
+    Xtr, ytr, Xte, _ = digits
+    model = BNN()
+    guide = SparseSubspaceGuide(model, density=0.1, init_scale=0.1)
+    guide(Xtr[:8], ytr[:8])
+    out = metrics.mc_predict(model, guide, Xte[:50], num_samples=4, batch_size=16)
+    assert out.shape == (4, 50, 10)
+    assert not torch.equal(out[0], out[1])  # different weight draws
+    mean = metrics.mean_predict(model, guide, Xte[:50])
+    med = guide.median()
+    ref = torch.relu(Xte[:50] @ med["fc1.weight"].T + model.fc1.bias) @ med["fc2.weight"].T + model.fc2.bias
+    torch.testing.assert_close(mean, ref)
+    rep = metrics.classification_report(out, torch.zeros(50, dtype=torch.long))
+    assert set(rep) == {"accuracy", "nll", "ece", "brier"}

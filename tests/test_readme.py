@@ -1,0 +1,63 @@
+"""The README's usage example and main job must keep working as written."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_usage_block():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python block"
+    return blocks[0]
+
+
+def test_readme_usage_example_runs(digits):
+    code = readme_usage_block()
+    assert "total_steps=5000" in code and "range(5000)" in code
+    code = code.replace("total_steps=5000", "total_steps=300").replace("range(5000)", "range(300)")
+    Xtr, ytr, Xte, _ = digits
+    ns = {"x_batch": Xtr, "y_batch": ytr, "x_test": Xte[:50]}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["pred"]["_RETURN"].shape == (20, 50, 10)
+    assert ns["pred"]["obs"].shape == (20, 50)
+    guide = ns["guide"]
+    assert guide.active_params == 740 and len(ns["svi"].history) == 2  # updates at 100 and 200 (< 225)
+    assert torch.isfinite(torch.tensor(ns["loss"]))
+
+
+def test_readme_commands_name_the_main_job_and_pytest():
+    text = (ROOT / "README.md").read_text()
+    assert ".venv/bin/python examples/digits.py" in text
+    assert ".venv/bin/python -m pytest -q" in text
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/python -m pytest -q" in ci and "-eq 5" in ci
+
+
+def test_main_job_cli(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "examples" / "digits.py"), "--steps", "150", "--no-progress", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "accuracy" in res.stdout and "0.1" in res.stdout
+    import json
+
+    results = json.loads(out.read_text())["results"]
+    assert [r["density"] for r in results] == [0.1, 1.0]
+    sparse, dense = results
+    assert sparse["active_params"] == 740 and dense["active_params"] == 7400
+    assert sparse["guide_bytes"] < 0.15 * dense["guide_bytes"]
+    for r in results:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 and r["nll"] > 0
+
+
+def test_main_job_bad_flag_is_one_line():
+    cmd = [sys.executable, str(ROOT / "examples" / "digits.py"), "--densities", "0,2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "--densities" in res.stderr
