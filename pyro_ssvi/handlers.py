@@ -3,6 +3,7 @@
 * :class:`SubspacePriorMessenger` (``subspace_prior``): restricts the model's
   priors on a guide's sparse sites to the active coordinates (SPEC section 2), so
   a Monte Carlo ELBO estimates ``E log p(D|theta) - KL(q || p_S)``.
+* :class:`KLScaleMessenger`: weights the KL term (latent sites) of an ELBO.
 """
 
 from pyro.poutine.messenger import Messenger
@@ -41,3 +42,24 @@ def subspace_prior(fn=None, guide=None):
     """Functional form of :class:`SubspacePriorMessenger`."""
     msngr = SubspacePriorMessenger(guide)
     return msngr(fn) if fn is not None else msngr
+
+
+class KLScaleMessenger(Messenger):
+    """Multiply the log-density scale of every *latent* sample site by ``scale``.
+
+    Applied around an ELBO step it weights the KL term (analytic or Monte Carlo) by ``scale``
+    and leaves the likelihood alone, e.g. the reference recipe's ``kl_scale`` and warm-up::
+
+        with KLScaleMessenger(0.01 * min(2 * t / T, 1.0)):
+            svi.step(x, y)
+
+    ``scale = 1`` is the true ELBO. ``scale`` may be changed between steps (``.scale = ...``).
+    """
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and self.scale != 1.0:
+            msg["scale"] = msg["scale"] * self.scale

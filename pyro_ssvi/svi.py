@@ -195,6 +195,9 @@ class SSVI:
                     bad.append(f"{name} ({what})")
                 elif p.grad is not None and not torch.isfinite(p.grad).all():
                     bad.append(f"{name} ({what} gradient)")
+            with torch.no_grad():
+                if torch.isfinite(self.guide.unconstrained_scale(name)).all() and not (self.guide.scale(name) > 0).all():
+                    bad.append(f"{name} (scale underflowed to 0)")
         return bad
 
     def _fail(self, t, what, cause=None):
@@ -253,8 +256,14 @@ class SSVI:
         self.history.append(record)
 
     def state_dict(self):
-        """SSVI's own state (the update history); the step counter lives in the guide."""
-        return {"history": list(self.history)}
+        """SSVI's own state: the update history and which sites use local reparameterisation.
+
+        The step counter and active sets live in the guide's ``state_dict()``.
+        """
+        lrt = dict(self._lrt.eligible) if self._lrt is not None else {}
+        return {"history": list(self.history), "lrt_eligible": lrt}
 
     def load_state_dict(self, state):
         self.history = list(state["history"])
+        if self._lrt is not None:
+            self._lrt.eligible.update(state.get("lrt_eligible", {}))

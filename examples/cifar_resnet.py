@@ -1,0 +1,412 @@
+"""SSVI on CIFAR-10/100 with a Bayesian ResNet-18: the reference recipe (SPEC section 5).
+
+Full recipe on a GPU (CIFAR-10 at density 0.1, 200 epochs)::
+
+    python examples/cifar_resnet.py --data-dir ./data --download --out cifar10.json --checkpoint ckpt.pt
+
+Dense VI baseline through the same code path: ``--density 1.0``. CPU smoke run::
+
+    python examples/cifar_resnet.py --dataset synthetic --epochs 2 --width 8 --subset 512
+
+Defaults are the recipe: batch 128, SGD momentum 0.9, lr 0.01 on the means (weight decay
+5e-4) and on the scales (no weight decay), cosine learning rate over the epochs, prior
+N(0, 0.005^2), KL weight ``kl_scale = 0.01`` warmed up linearly over the first half of the
+steps (``--kl-scale 1`` is the true ELBO), update_every 100, removal_fraction 0.3,
+stop_updates_at 0.75, removal ``snr_abs``, addition ``gradient``, local reparameterisation,
+random crop (pad 4) and horizontal flip. A validation split of the training set is
+monitored each epoch; the test set is evaluated once, at the end.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+
+from pyro_ssvi import SSVI, SparseSubspaceGuide
+from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes
+from pyro_ssvi.handlers import KLScaleMessenger
+from pyro_ssvi.metrics import accuracy, brier, ece, mc_predict, mean_predict, nll
+from pyro_ssvi.models import cifar_resnet18, recalibrate_batchnorm
+
+MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+
+
+class UsageError(Exception):
+    """A problem the user can fix; reported in one line with exit code 2."""
+
+
+# data ------------------------------------------------------------------------------------
+def load_cifar(name, data_dir, download):
+    """Training and test sets as uint8 tensors ``(N, 3, 32, 32)`` and labels, via torchvision."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(root=data_dir, train=True, download=download)
+        test = cls(root=data_dir, train=False, download=download)
+    except RuntimeError as e:
+        if download:
+            raise UsageError(f"downloading {name} into {data_dir} failed ({e}); download it by hand and pass --data-dir") from e
+        raise UsageError(
+            f"{name} not found in {data_dir!r}: pass --download to fetch it, or --data-dir pointing at the folder "
+            "holding cifar-10-batches-py / cifar-100-python"
+        ) from e
+    except OSError as e:
+        raise UsageError(f"downloading {name} into {data_dir} failed ({e}); download it by hand and pass --data-dir") from e
+
+    def to_tensors(ds):
+        x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    return to_tensors(train), to_tensors(test)
+
+
+def synthetic_cifar(n_train=512, n_test=256, num_classes=10, seed=0):
+    """CIFAR-shaped data that a small network can learn: a smooth class template plus noise.
+
+    Templates are random 4x4 colour patterns upsampled to 32x32, so crops and flips keep
+    most of the class signal.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    templates = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False) * 255
+
+    def make(n):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=g) * 255
+        return x.to(torch.uint8), y
+
+    return make(n_train), make(n_test)
+
+
+def normalise(x, mean, std):
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
+def augment(x):
+    """Random crop with 4-pixel zero padding and random horizontal flip (torch RNG, on device)."""
+    n = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4))
+    i = torch.randint(0, 9, (n,)).tolist()
+    j = torch.randint(0, 9, (n,)).tolist()
+    out = torch.stack([padded[k, :, i[k] : i[k] + 32, j[k] : j[k] + 32] for k in range(n)])
+    flip = torch.rand(n) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+# checkpoints -----------------------------------------------------------------------------
+def save_atomic(obj, path):
+    """Write ``obj`` with torch.save to a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# evaluation ------------------------------------------------------------------------------
+def classification_metrics(probs, y):
+    return {"accuracy": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y), "brier": brier(probs, y)}
+
+
+@torch.no_grad()
+def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
+    model.eval()
+    mc_probs, mean_probs = [], []
+    for start in range(0, len(x), batch_size):
+        xb = prep(x[start : start + batch_size])
+        if mc_samples:
+            mc_probs.append(mc_predict(model, guide, xb, num_samples=mc_samples).softmax(-1).mean(0).cpu())
+        mean_probs.append(mean_predict(model, guide, xb).softmax(-1).cpu())
+    model.train()
+    out = {"posterior_mean": classification_metrics(torch.cat(mean_probs), y.cpu())}
+    if mc_samples:
+        out["mc"] = classification_metrics(torch.cat(mc_probs), y.cpu())
+    return out
+
+
+# arguments -------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="SSVI on CIFAR with a Bayesian ResNet-18 (the reference recipe).")
+    a = p.add_argument
+    a("--dataset", choices=("cifar10", "cifar100", "synthetic"), default="cifar10")
+    a("--data-dir", default="./data", help="folder holding (or receiving) the torchvision CIFAR files")
+    a("--download", action="store_true", help="download CIFAR with torchvision if missing")
+    a("--epochs", type=int, default=200)
+    a("--batch-size", type=int, default=128)
+    a("--density", type=float, default=0.1, help="fraction of active weights per sparse layer; 1.0 = dense VI")
+    a("--subset", type=int, default=None, help="use only the first N training images (CPU runs)")
+    a("--val-fraction", type=float, default=0.1, help="fraction of the training images held out for validation")
+    a("--width", type=int, default=64, help="ResNet-18 base width (64 = the standard network)")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--seed", type=int, default=0)
+    a("--mc-samples", type=int, default=10, help="weight draws for the MC-averaged test predictive")
+    a("--checkpoint", default=None, help="save model, guide, optimiser, scheduler and SSVI state here each epoch")
+    a("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    a("--out", default=None, help="write the final metrics as JSON here")
+    a("--lr", type=float, default=0.01, help="learning rate of the means and deterministic parameters")
+    a("--lr-scale", type=float, default=0.01, help="learning rate of the (unconstrained) scales")
+    a("--momentum", type=float, default=0.9)
+    a("--weight-decay", type=float, default=5e-4, help="weight decay on means and deterministic parameters")
+    a("--prior-scale", type=float, default=0.005)
+    a("--kl-scale", type=float, default=0.01, help="KL weight after warm-up; 1.0 is the true ELBO")
+    a("--update-every", type=int, default=100)
+    a("--removal-fraction", type=float, default=0.3)
+    a("--stop-updates-at", type=float, default=0.75)
+    a("--removal", default="snr_abs")
+    a("--addition", default="gradient", choices=("gradient", "random"))
+    a("--no-lrt", action="store_true", help="sample weights instead of pre-activations")
+    a("--no-augment", action="store_true")
+    a(
+        "--bn-batches",
+        type=int,
+        default=20,
+        help="training batches used to recompute batch-norm statistics at the posterior mean before each "
+        "evaluation (0: keep the running statistics of training)",
+    )
+    a("--no-progress", action="store_true")
+    a("--num-synthetic", type=int, default=512, help="training images of --dataset synthetic")
+    args = p.parse_args(argv)
+    if not 0 < args.density <= 1:
+        p.error(f"--density: expected a value in (0, 1], got {args.density}")
+    for name in ("epochs", "batch_size", "width", "update_every", "num_synthetic"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.subset is not None and args.subset < 2:
+        p.error(f"--subset: expected at least 2 images, got {args.subset}")
+    if args.bn_batches < 0:
+        p.error("--bn-batches: expected >= 0")
+    if args.mc_samples < 0:
+        p.error("--mc-samples: expected >= 0")
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction: expected a value in (0, 1), got {args.val_fraction}")
+    if args.resume and not args.checkpoint:
+        p.error("--resume needs --checkpoint PATH")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+# the run ---------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    pyro.set_rng_seed(args.seed)
+    if args.dataset == "synthetic":
+        (xtr, ytr), (xte, yte) = synthetic_cifar(args.num_synthetic, max(64, args.num_synthetic // 2), seed=args.seed)
+        mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    else:
+        (xtr, ytr), (xte, yte) = load_cifar(args.dataset, args.data_dir, args.download)
+        mean, std = MEAN[args.dataset], STD[args.dataset]
+    if args.subset is not None:
+        xtr, ytr = xtr[: args.subset], ytr[: args.subset]
+    n_val = max(1, int(round(args.val_fraction * len(xtr))))
+    xtr, ytr, xval, yval = xtr[:-n_val], ytr[:-n_val], xtr[-n_val:], ytr[-n_val:]
+    n_train = len(xtr)
+    xtr, ytr = xtr.to(device), ytr.to(device)
+
+    def prep(x, train=False):
+        x = x.to(device)
+        if train and not args.no_augment:
+            x = augment(x)
+        return normalise(x, mean, std)
+
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    with pyro.settings.context(module_local_params=True):
+        model = cifar_resnet18(NUM_CLASSES[args.dataset], args.width, dist.Normal(0.0, args.prior_scale), num_data=n_train).to(device)
+        dense_sites = model.dense_sites if args.density < 1 else ()
+        guide = SparseSubspaceGuide(model, density=args.density, dense_sites=dense_sites)
+        x0, y0 = prep(xtr[:2]), ytr[:2]
+        guide.setup(x0, y0)
+        elbo = pyro.infer.TraceMeanField_ELBO()
+        groups = [
+            {"params": list(guide.locs.parameters()), "lr": args.lr, "weight_decay": args.weight_decay},
+            {"params": list(guide.unconstrained_scales.parameters()), "lr": args.lr_scale, "weight_decay": 0.0},
+            {"params": list(model.parameters()), "lr": args.lr, "weight_decay": args.weight_decay},
+        ]
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+        svi = SSVI(
+            model,
+            guide,
+            optimizer,
+            elbo,
+            total_steps=total_steps,
+            update_every=args.update_every,
+            removal_fraction=args.removal_fraction,
+            stop_updates_at=args.stop_updates_at,
+            removal=args.removal,
+            addition=args.addition,
+            local_reparameterization=not args.no_lrt,
+        )
+        start_epoch, elapsed, epochs_log = 0, 0.0, []
+        if args.resume and os.path.exists(args.checkpoint):
+            ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            guide.load_state_dict(ckpt["guide"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            svi.load_state_dict(ckpt["ssvi"])
+            set_rng_state(ckpt["rng"])
+            start_epoch, elapsed, epochs_log = ckpt["epoch"] + 1, ckpt["seconds"], ckpt["log"]
+            print(f"resumed from {args.checkpoint} after epoch {ckpt['epoch'] + 1}")
+
+        def recalibrate():
+            if args.bn_batches:
+                batches = (prep(xtr[i : i + args.batch_size]) for i in range(0, min(n_train, args.bn_batches * args.batch_size), args.batch_size))
+                recalibrate_batchnorm(model, guide, batches)
+
+        logits_seen = {}
+        hook = model.net.register_forward_hook(lambda m, i, o: logits_seen.__setitem__("logits", o))
+        kl = KLScaleMessenger(0.0)
+        per_example = pyro.poutine.scale(scale=1.0 / n_train)
+        density = guide.active_params / guide.dense_params
+        from tqdm.auto import tqdm
+
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n_train).to(device)
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for b in bar:
+                idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+                xb, yb = prep(xtr[idx], train=True), ytr[idx]
+                kl.scale = args.kl_scale * min(2.0 * svi.step_count / total_steps, 1.0)
+                # divide the ELBO by N: mean cross-entropy + kl_scale * KL / N, the recipe's loss
+                with kl, per_example:
+                    loss = svi.step(xb, yb)
+                loss_sum += loss
+                seen += len(idx)
+                correct += (logits_seen["logits"].argmax(-1) == yb).sum().item()
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / seen:.3f}", density=f"{density:.3f}")
+            scheduler.step()
+            recalibrate()
+            val = evaluate(model, guide, xval, yval, prep, 0, 512)["posterior_mean"]
+            elapsed += time.perf_counter() - t0
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / steps_per_epoch,
+                "train_accuracy": correct / seen,
+                "val_accuracy": val["accuracy"],
+                "val_nll": val["nll"],
+                "lr": scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            }
+            epochs_log.append(row)
+            print(
+                f"epoch {row['epoch']:>3}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+                f"val acc {row['val_accuracy']:.4f}  val NLL {row['val_nll']:.4f}  density {density:.4f}  "
+                f"lr {row['lr']:.5f}  {row['seconds']:.1f}s"
+            )
+            if args.checkpoint:
+                save_atomic(
+                    {
+                        "model": model.state_dict(),
+                        "guide": guide.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "ssvi": svi.state_dict(),
+                        "rng": rng_state(),
+                        "epoch": epoch,
+                        "seconds": elapsed,
+                        "log": epochs_log,
+                        "args": vars(args),
+                    },
+                    args.checkpoint,
+                )
+        hook.remove()
+        recalibrate()
+        test = evaluate(model, guide, xte, yte, prep, args.mc_samples, 256)
+        flops = flops_report(
+            model,
+            guide,
+            prep(xtr[: args.batch_size]),
+            local_reparameterization=not args.no_lrt,
+            update_every=args.update_every,
+            gradient_addition=args.addition == "gradient" and args.density < 1,
+        )
+    result = {
+        "dataset": args.dataset,
+        "density": density,
+        "active_params": guide.active_params,
+        "dense_params": guide.dense_params,
+        "sparse_site_density": _sparse_density(guide),
+        "guide_bytes": guide_state_bytes(guide, optimizer),
+        "dense_guide_bytes": dense_guide_bytes(guide, optimizer),
+        "train_flops_per_step": flops["train_flops_per_step"],
+        "dense_vi_train_flops_per_step": flops["dense_vi_train_flops_per_step"],
+        "epochs": args.epochs,
+        "seconds": elapsed,
+        "updates": len(svi.history),
+        "epoch_log": epochs_log,
+        "args": vars(args),
+    }
+    for metric in ("accuracy", "nll", "ece", "brier"):
+        result[f"test_{metric}"] = {kind: test[kind][metric] for kind in ("mc", "posterior_mean") if kind in test}
+    print(
+        "test: "
+        + "  ".join(f"{k} {v.get('mc', v['posterior_mean']):.4f}" for k, v in result.items() if k.startswith("test_"))
+        + f"  (MC, {args.mc_samples} samples)  active {guide.active_params}/{guide.dense_params}"
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _sparse_density(guide):
+    sparse = guide.sparse_site_names()
+    if not sparse:
+        return 1.0
+    info = [guide.site_info(s) for s in sparse]
+    return sum(i.k for i in info) / sum(i.numel for i in info)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,210 @@
+"""Model builders: turn ``torch.nn`` networks into Pyro BNNs.
+
+* :func:`bayesianize` makes chosen weights of an ordinary ``nn.Module`` ``PyroSample`` sites
+  (default: every ``Linear`` and ``Conv`` weight; batch-norm parameters and biases stay
+  deterministic parameters).
+* :class:`BayesianClassifier` adds the likelihood: a ``pyro.plate`` over the minibatch and a
+  ``Categorical`` site named ``obs``, scaled to the full data set when ``num_data`` is set.
+* :func:`cifar_resnet18` builds the CIFAR-style ResNet-18 of the reference recipe (3x3 stem,
+  stride 1, no max-pool) as such a classifier; ``model.dense_sites`` names the first
+  convolution, which the recipe keeps dense::
+
+      model = cifar_resnet18(num_classes=10)
+      guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
+"""
+
+import fnmatch
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro.nn import PyroModule, PyroSample
+from pyro.nn.module import to_pyro_module_
+
+from .distributions import factorised_base
+
+#: module types whose ``weight`` becomes Bayesian by default
+DEFAULT_BAYESIAN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _matches(name, patterns):
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _make_prior(prior, name, shape):
+    fn = prior(name, shape) if callable(prior) and not isinstance(prior, torch.distributions.Distribution) else prior
+    if not isinstance(fn, torch.distributions.Distribution):
+        raise ValueError(f"prior: expected a Pyro distribution or a callable (name, shape) -> distribution, got {fn!r} for {name!r}")
+    if fn.batch_shape == () and fn.event_shape == ():
+        fn = fn.expand(shape)
+    if tuple(fn.batch_shape) == tuple(shape) and fn.event_shape == ():
+        fn = fn.to_event(len(shape))
+    if tuple(fn.event_shape) != tuple(shape) or fn.batch_shape != ():
+        raise ValueError(
+            f"prior: for {name!r} expected a scalar distribution or one with event shape {tuple(shape)}, "
+            f"got batch {tuple(fn.batch_shape)} event {tuple(fn.event_shape)}"
+        )
+    if factorised_base(fn) is None:
+        raise ValueError(f"prior: the prior for {name!r} is not factorised over coordinates")
+    return fn
+
+
+def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
+    """Convert ``net`` (in place) into a ``PyroModule`` whose chosen weights are ``PyroSample`` sites.
+
+    :param nn.Module net: an ordinary network.
+    :param prior: a scalar Pyro distribution (expanded to each weight's shape), a distribution
+        with the weight's shape as event shape, or a callable ``(name, shape) -> distribution``.
+        Default ``Normal(0, 1)``.
+    :param include: module types whose ``weight`` becomes Bayesian, or parameter-name patterns
+        (``fnmatch`` style, e.g. ``"layer*.conv*.weight"``). Default: Linear and Conv weights.
+    :param exclude: parameter-name patterns kept deterministic (e.g. ``"fc.weight"``).
+    :returns: the converted network (the same object, now a ``PyroModule``).
+    """
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"net: expected a torch.nn.Module, got {type(net).__name__}")
+    prior = dist.Normal(0.0, 1.0) if prior is None else prior
+    include = tuple(include)
+    by_type = all(isinstance(i, type) for i in include)
+    by_name = all(isinstance(i, str) for i in include)
+    if not (by_type or by_name):
+        raise ValueError("include: expected module types or parameter-name patterns, not a mix")
+    if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+        raise ValueError(f"exclude: expected an iterable of parameter-name patterns, got {exclude!r}")
+    chosen = []
+    for mod_name, module in net.named_modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if by_type:
+                take = pname == "weight" and isinstance(module, include)
+            else:
+                take = _matches(full, include)
+            if take and not _matches(full, exclude):
+                chosen.append((mod_name, pname, full, tuple(param.shape)))
+    if not chosen:
+        raise ValueError("include/exclude: no parameter of the network was selected to be Bayesian")
+    to_pyro_module_(net)
+    for mod_name, pname, full, shape in chosen:
+        module = net.get_submodule(mod_name) if mod_name else net
+        setattr(module, pname, PyroSample(_make_prior(prior, full, shape)))
+    net.bayesian_sites = tuple(full for _, _, full, _ in chosen)
+    return net
+
+
+class BayesianClassifier(PyroModule):
+    """A classification likelihood around a (bayesianized) network.
+
+    ``forward(x, y=None)`` returns the logits and observes ``y`` at the ``Categorical`` site
+    ``obs`` inside ``pyro.plate("data")``. With ``num_data`` set, the minibatch log-likelihood
+    is scaled by ``num_data / batch`` so the ELBO refers to the whole training set.
+
+    Site names of the network's weights are prefixed by ``net.``.
+    """
+
+    def __init__(self, net, num_data=None):
+        super().__init__()
+        self.net = net
+        self.num_data = num_data
+
+    def forward(self, x, y=None):
+        logits = self.net(x)
+        n = x.shape[0]
+        size = self.num_data if self.num_data is not None else n
+        with pyro.plate("data", size=size, subsample=torch.arange(n, device=x.device)):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+    @property
+    def dense_sites(self):
+        return tuple(f"net.{s}" for s in getattr(self.net, "dense_sites", ()))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: 3x3 stem with stride 1, no max-pool, four stages of two blocks."""
+
+    dense_sites = ("conv1.weight",)
+
+    def __init__(self, num_classes=10, width=64, in_channels=3):
+        super().__init__()
+        if num_classes < 2 or width < 1:
+            raise ValueError(f"num_classes >= 2 and width >= 1 expected, got {num_classes}, {width}")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, in_planes = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            planes = width * 2**i
+            blocks = [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)]
+            in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def cifar_resnet18(num_classes=10, width=64, prior=None, num_data=None):
+    """Bayesian CIFAR ResNet-18 (CIFAR-10 head by default; ``num_classes=100`` for CIFAR-100).
+
+    Conv and linear weights get the prior (default ``Normal(0, 0.005)``, the reference recipe);
+    batch-norm parameters and the final bias stay deterministic. ``model.dense_sites`` names
+    the first convolution, to keep dense under :class:`~pyro_ssvi.SparseSubspaceGuide`.
+    """
+    prior = dist.Normal(0.0, 0.005) if prior is None else prior
+    net = bayesianize(ResNet18(num_classes, width), prior=prior)
+    return BayesianClassifier(net, num_data=num_data)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, guide, batches):
+    """Recompute batch-norm running statistics at the guide's posterior mean.
+
+    Running statistics accumulated during training mix many weight samples, and after a short
+    run still carry their initial values (variance 1 decays only as ``0.9^steps``); a pass over
+    a few training batches in train mode, averaging with equal weights, fixes both. Returns the
+    number of batch-norm layers recalibrated. ``batches`` is an iterable of model inputs.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    conditioned = pyro.poutine.block(pyro.poutine.condition(model, data=guide.median()))
+    try:
+        for x in batches:
+            conditioned(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(layers)
