@@ -206,15 +206,16 @@ class LocalReparameterizationMessenger(Messenger):
         value = msg["value"]
         if msg["is_observed"] or not torch.is_tensor(value):
             return
-        entry = self._lookup(value)
-        if entry is not None:
-            # a later site carrying a registered sample (AutoNormal's Delta, or the model's site)
-            if not isinstance(entry.fn, SparseNormal) and entry.name.endswith("_unconstrained"):
-                self._by_name.pop(entry.name, None)
-                entry.name = msg["name"]
-                self._by_name[entry.name] = entry
-            return
+        if self._lookup(value) is not None:
+            return  # the model's site carrying a registered guide sample
         fn = msg["fn"]
+        carried = self._lookup(getattr(fn, "v", None))
+        if carried is not None:
+            # AutoNormal: a Delta site carries the sample of its Gaussian "<name>_unconstrained" site
+            self._by_name.pop(carried.name, None)
+            self._by_id.pop(id(carried.tensor), None)
+            self._register(value, msg["name"], carried.fn)
+            return
         if isinstance(fn, SparseNormal):
             self._register(value, msg["name"], fn)
         elif msg["infer"].get("is_auxiliary") and _gaussian(fn) is not None:

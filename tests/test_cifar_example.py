@@ -1,0 +1,149 @@
+"""examples/cifar_resnet.py end to end on small CIFAR-format files and on synthetic data."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "cifar_resnet.py"
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    spec = importlib.util.spec_from_file_location("cifar_resnet", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_cifar(root, kind, n_per_batch=24, n_test=40, seed=0):
+    """Small files in torchvision's on-disk layout (cifar-10-batches-py / cifar-100-python)."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if kind == "cifar10" else 100
+    label_key = "labels" if kind == "cifar10" else "fine_labels"
+
+    def batch(n):
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, classes, n).tolist()}
+
+    if kind == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        files = {f"data_batch_{i}": batch(n_per_batch) for i in range(1, 6)}
+        files["test_batch"] = batch(n_test)
+        files["batches.meta"] = {"label_names": [f"c{i}" for i in range(10)]}
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        files = {"train": batch(5 * n_per_batch), "test": batch(n_test), "meta": {"fine_label_names": [f"c{i}" for i in range(100)]}}
+    for name, obj in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f)
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """Our files cannot match torchvision's MD5 sums; check they exist instead (all else is real)."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+SMALL = ["--epochs", "1", "--width", "4", "--batch-size", "16", "--mc-samples", "2", "--no-progress", "--update-every", "2", "--bn-batches", "2"]
+
+
+def check_result(result, density=0.1):
+    for key in ("test_accuracy", "test_nll", "test_ece", "test_brier"):
+        assert set(result[key]) == {"mc", "posterior_mean"}
+    for kind in ("mc", "posterior_mean"):
+        assert 0.0 <= result["test_accuracy"][kind] <= 1.0
+        assert 0.0 <= result["test_ece"][kind] <= 1.0
+        assert result["test_nll"][kind] > 0 and 0 <= result["test_brier"][kind] <= 2
+    assert result["active_params"] <= result["dense_params"]
+    assert result["sparse_site_density"] == pytest.approx(density, rel=0.02)
+    assert result["guide_bytes"] < result["dense_guide_bytes"]
+    assert 0 < result["train_flops_per_step"] < result["dense_vi_train_flops_per_step"]
+    assert result["epochs"] >= 1 and result["seconds"] > 0
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_real_torchvision_loading_path(tmp_path, cifar, no_md5, kind):
+    write_cifar(tmp_path, kind)
+    out = tmp_path / "m.json"
+    result = cifar.main(["--dataset", kind, "--data-dir", str(tmp_path), "--out", str(out)] + SMALL)
+    check_result(result)
+    assert json.loads(out.read_text())["test_accuracy"] == result["test_accuracy"]
+    # the sparse layers hold 10% of their weights; the first convolution stays dense
+    assert result["density"] > 0.1
+
+
+def test_dense_vi_baseline_same_code_path(tmp_path, cifar):
+    result = cifar.main(["--dataset", "synthetic", "--num-synthetic", "64", "--density", "1.0"] + SMALL)
+    assert result["active_params"] == result["dense_params"] and result["updates"] == 0
+    assert result["train_flops_per_step"] == result["dense_vi_train_flops_per_step"]
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch):
+    args = ["--dataset", "synthetic", "--num-synthetic", "96", "--epochs", "2", "--width", "4", "--batch-size", "16",
+            "--mc-samples", "2", "--no-progress", "--update-every", "2", "--bn-batches", "2", "--seed", "3"]
+    full = cifar.main(args + ["--checkpoint", str(tmp_path / "a.pt")])
+
+    real_save = cifar.save_atomic
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        raise Crash
+
+    monkeypatch.setattr(cifar, "save_atomic", save_then_crash)
+    with pytest.raises(Crash):
+        cifar.main(args + ["--checkpoint", str(tmp_path / "b.pt")])
+    monkeypatch.setattr(cifar, "save_atomic", real_save)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 0
+    resumed = cifar.main(args + ["--checkpoint", str(tmp_path / "b.pt"), "--resume"])
+    for key in ("test_accuracy", "test_nll", "test_ece", "test_brier", "updates", "active_params"):
+        assert resumed[key] == full[key], key
+    strip = lambda log: [{k: v for k, v in row.items() if k != "seconds"} for row in log]  # noqa: E731
+    assert strip(resumed["epoch_log"]) == strip(full["epoch_log"])
+
+
+def test_checkpoint_is_written_atomically(tmp_path, cifar, monkeypatch):
+    path = tmp_path / "c.pt"
+    cifar.save_atomic({"a": 1}, str(path))
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cifar.torch, "save", broken)
+    with pytest.raises(OSError):
+        cifar.save_atomic({"a": 2}, str(path))
+    assert torch.load(path) == {"a": 1}  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_missing_cifar_is_one_line_exit_2(tmp_path):
+    res = run_cli("--data-dir", str(tmp_path / "nowhere"), "--epochs", "1")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "--download" in lines[0] and "cifar10" in lines[0]
+
+
+@pytest.mark.parametrize("flag", [["--density", "0"], ["--epochs", "0"], ["--resume"], ["--val-fraction", "1.5"]])
+def test_bad_flags(flag):
+    res = run_cli(*flag)
+    assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -1,0 +1,171 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn as nn
+from pyro.poutine.util import site_is_subsample
+from torch.utils.flop_counter import FlopCounterMode
+
+from pyro_ssvi import SSVI, SparseSubspaceGuide
+from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes, layer_flops
+from pyro_ssvi.handlers import KLScaleMessenger
+from pyro_ssvi.models import BayesianClassifier, ResNet18, bayesianize, cifar_resnet18, recalibrate_batchnorm
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def test_bayesianize_defaults():
+    net = bayesianize(small_net())
+    x = torch.randn(2, 3, 8, 8)
+    tr = pyro.poutine.trace(net).get_trace(x)
+    sites = [n for n, s in tr.nodes.items() if s["type"] == "sample"]
+    assert sites == ["0.weight", "4.weight"] and net.bayesian_sites == ("0.weight", "4.weight")
+    assert isinstance(tr.nodes["0.weight"]["fn"].base_dist, dist.Normal)
+    assert tr.nodes["0.weight"]["fn"].event_shape == (4, 3, 3, 3)
+    names = {n for n, _ in net.named_parameters()}
+    assert {"0.bias", "1.weight", "1.bias", "4.bias"} == names  # biases and batch norm stay deterministic
+
+
+def test_bayesianize_prior_callable_include_exclude():
+    seen = []
+
+    def prior(name, shape):
+        seen.append((name, shape))
+        return dist.Laplace(0.0, 0.1).expand(shape).to_event(len(shape))
+
+    net = bayesianize(small_net(), prior=prior, exclude=["4.*"])
+    assert seen == [("0.weight", (4, 3, 3, 3))]
+    tr = pyro.poutine.trace(net).get_trace(torch.randn(1, 3, 8, 8))
+    assert isinstance(tr.nodes["0.weight"]["fn"].base_dist, dist.Laplace)
+    net = bayesianize(small_net(), include=["*.bias"])
+    assert net.bayesian_sites == ("0.bias", "1.bias", "4.bias")
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        ({"prior": "normal"}, "prior"),
+        ({"prior": dist.MultivariateNormal(torch.zeros(2), torch.eye(2))}, "prior"),
+        ({"include": [nn.Linear, "*.bias"]}, "include"),
+        ({"exclude": "4.weight"}, "exclude"),
+        ({"include": [nn.LSTM]}, "include"),
+    ],
+)
+def test_bayesianize_errors(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        bayesianize(small_net(), **kwargs)
+
+
+def test_cifar_resnet18_structure():
+    model = cifar_resnet18(num_classes=100, width=8)
+    assert isinstance(model, BayesianClassifier)
+    net = model.net
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert model.dense_sites == ("net.conv1.weight",)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2,))
+    tr = pyro.poutine.trace(model).get_trace(x, y)
+    latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    assert len(latent) == 21  # 17 3x3 convs of the blocks + stem, 3 shortcuts, the linear layer
+    assert tr.nodes["obs"]["fn"].logits.shape == (2, 100)
+    assert tr.nodes["net.conv1.weight"]["fn"].base_dist.scale.max() == 0.005
+    plain = ResNet18(10, 64)
+    assert sum(p.numel() for p in plain.parameters()) == pytest.approx(11.17e6, rel=0.01)
+
+
+def test_classifier_scales_the_likelihood_to_the_data_set():
+    model = cifar_resnet18(width=4, num_data=1000)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    tr = pyro.poutine.trace(model).get_trace(x, y)
+    assert tr.nodes["obs"]["scale"] == pytest.approx(250.0)
+
+
+def test_resnet_guide_keeps_the_first_convolution_dense():
+    model = cifar_resnet18(width=8)
+    guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
+    guide(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    assert guide.site_info("net.conv1.weight").full
+    assert guide.site_info("net.linear.weight").k == 64
+
+
+def test_layer_flops_match_flop_counter():
+    model = cifar_resnet18(width=8)
+    guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
+    x = torch.randn(4, 3, 32, 32)
+    guide(x, torch.randint(0, 10, (4,)))
+    total, per_site = layer_flops(model, guide, x)
+    with FlopCounterMode(display=False) as fc:
+        ResNet18(10, 8)(x)
+    assert total == fc.get_total_flops()
+    assert set(per_site) == set(guide.site_names)
+    # the stem: 2 * (4 * 8 * 32 * 32 outputs) * (3 * 3 * 3 fan-in)
+    assert per_site["net.conv1.weight"] == 2 * 4 * 8 * 32 * 32 * 27
+    assert sum(per_site.values()) <= total
+
+
+def test_flops_report_formula():
+    model = cifar_resnet18(width=8)
+    guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
+    x = torch.randn(2, 3, 32, 32)
+    guide(x, torch.randint(0, 10, (2,)))
+    total, per_site = layer_flops(model, guide, x)
+    rep = flops_report(model, guide, x, local_reparameterization=True, update_every=100)
+    f_b = sum(per_site.values())
+    dens = {s: guide.summary()[s]["density"] for s in per_site}
+    expect = 3 * (total - f_b + 2 * sum(dens[s] * f for s, f in per_site.items())) + sum((1 - dens[s]) * f for s, f in per_site.items()) / 100
+    assert rep["train_flops_per_step"] == pytest.approx(expect)
+    assert rep["dense_vi_train_flops_per_step"] == 3 * (total + f_b)
+    ws = flops_report(model, guide, x, local_reparameterization=False, gradient_addition=False)
+    assert ws["dense_vi_train_flops_per_step"] == 3 * total
+    assert ws["train_flops_per_step"] < 0.15 * ws["dense_vi_train_flops_per_step"]
+
+
+def test_guide_bytes_count_optimiser_state():
+    model = cifar_resnet18(width=4)
+    guide = SparseSubspaceGuide(model, density=0.1)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    guide(x, y)
+    k = guide.active_params
+    assert guide_state_bytes(guide) == k * 4 * 2 + k * 8 + 8  # loc, rho (float32), index (int64), step
+    opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
+    svi = SSVI(model, guide, opt, pyro.infer.TraceMeanField_ELBO(), total_steps=1)
+    svi.step(x, y)
+    n_params = len(list(guide.parameters()))
+    assert guide_state_bytes(guide, opt) == k * 4 * 2 + k * 8 + 8 + 2 * k * 4 * 2 + n_params * 4
+    assert dense_guide_bytes(guide, opt) == guide.dense_params * 4 * 2 * 3
+
+
+def test_kl_scale_messenger_scales_only_latent_sites():
+    model = cifar_resnet18(width=4)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    with KLScaleMessenger(0.25):
+        tr = pyro.poutine.trace(model).get_trace(x, y)
+    assert tr.nodes["net.conv1.weight"]["scale"] == 0.25 and tr.nodes["obs"]["scale"] == 1.0
+    guide = SparseSubspaceGuide(model, density=0.1)
+    guide(x, y)
+    elbo = pyro.infer.TraceMeanField_ELBO()
+    # with a deterministic likelihood term the difference is exactly (1 - 0.25) * KL
+    pyro.set_rng_seed(0)
+    full = elbo.loss(model, guide, x, y)
+    pyro.set_rng_seed(0)
+    with KLScaleMessenger(0.25):
+        quarter = elbo.loss(model, guide, x, y)
+    pyro.set_rng_seed(0)
+    with KLScaleMessenger(0.0):
+        nokl = elbo.loss(model, guide, x, y)
+    assert full - nokl == pytest.approx(4 * (quarter - nokl), rel=1e-4)
+
+
+def test_recalibrate_batchnorm_uses_the_posterior_mean():
+    model = cifar_resnet18(width=4)
+    guide = SparseSubspaceGuide(model, density=0.2, init_scale=0.1)
+    x = torch.randn(16, 3, 32, 32)
+    guide(x, torch.randint(0, 10, (16,)))
+    n = recalibrate_batchnorm(model, guide, [x[:8], x[8:]])
+    assert n == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    bn = model.net.bn1
+    conv_out = torch.nn.functional.conv2d(x, guide.median()["net.conv1.weight"], padding=1)
+    torch.testing.assert_close(bn.running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and model.training
