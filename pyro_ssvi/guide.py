@@ -3,7 +3,8 @@
 For each latent site ``theta`` (a weight tensor with ``d = numel`` coordinates) the
 guide keeps ``k = round(density * d)`` active coordinates::
 
-    indices.<site>               LongTensor (k,)   flat positions of the active entries (buffer)
+    indices.<site>               LongTensor (k,)   flat positions of the active entries (buffer;
+                                                   empty for a dense site, whose entries are in order)
     locs.<site>                  Parameter  (k,)   mu
     unconstrained_scales.<site>  Parameter  (k,)   rho, sigma = softplus(rho) (or exp(rho))
 
@@ -199,11 +200,12 @@ class SparseSubspaceGuide(AutoGuide):
                 )
             value = site["value"].detach()
             device = value.device
-            if k == numel:
-                index = torch.arange(numel, device=device)
+            if k == numel:  # dense site: every coordinate active in natural order; no index stored
+                loc = value.reshape(-1).clone()
+                index = torch.zeros(0, dtype=torch.long, device=device)
             else:
                 index = torch.randperm(numel, device=device)[:k].sort().values
-            loc = value.reshape(-1)[index].clone()
+                loc = value.reshape(-1)[index].clone()
             scale = self._draw_scale(k, value)
             _deep_set(self.indices, name, index, buffer=True)
             _deep_set(self.locs, name, torch.nn.Parameter(loc))
@@ -259,8 +261,12 @@ class SparseSubspaceGuide(AutoGuide):
         return attrgetter(name)(self.unconstrained_scales)
 
     def active_index(self, name):
-        self.site_info(name)
-        return attrgetter(name)(self.indices)
+        """Flat positions of the active entries (the stored buffer; ``arange`` for a dense site)."""
+        info = self.site_info(name)
+        index = attrgetter(name)(self.indices)
+        if info.full:
+            return torch.arange(info.numel, device=index.device)
+        return index
 
     def transform_scale(self, rho):
         return torch.exp(rho) if self.scale_transform == "exp" else F.softplus(rho)
@@ -405,7 +411,9 @@ class SparseSubspaceGuide(AutoGuide):
         self._require_setup("load_state_dict")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         for name, info in self._sites.items():
-            index = self.active_index(name)
+            index = attrgetter(name)(self.indices)
+            if index.numel() != (0 if info.full else info.k):
+                raise ValueError(f"state_dict: site {name!r} has {index.numel()} active indices, expected {info.k}")
             if index.numel() and (index.min() < 0 or index.max() >= info.numel):
                 raise ValueError(f"state_dict: active indices of site {name!r} out of range [0, {info.numel})")
         return result

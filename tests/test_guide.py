@@ -199,3 +199,17 @@ def test_nested_site_names_and_state_dict_keys():
     keys = set(guide.state_dict())
     assert {"indices.conv.weight", "locs.conv.weight", "unconstrained_scales.conv.weight", "ssvi_step"} == keys
     assert guide.site_info("conv.weight").k == 18
+
+
+def test_dense_sites_store_no_index():
+    _, guide = setup_guide(density=1.0)
+    from pyro_ssvi.cost import guide_state_bytes
+
+    assert guide.state_dict()["indices.fc1.weight"].numel() == 0
+    assert torch.equal(guide.active_index("fc1.weight"), torch.arange(6400))
+    assert guide.active_mask("fc1.weight").all()
+    assert guide_state_bytes(guide) == 7400 * 4 * 2 + 8  # loc and rho per weight, plus the step counter
+    state = guide.state_dict()
+    state["indices.fc1.weight"] = torch.arange(5)
+    with pytest.raises(RuntimeError, match="indices.fc1.weight"):  # torch reports the size mismatch
+        guide.load_state_dict(state)
