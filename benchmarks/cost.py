@@ -29,20 +29,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common import add_common_flags, markdown_table, results_dir, write_results  # noqa: E402
 
 GUIDES = [("AutoNormal", None), ("ours, density 1", 1.0), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
-MODELS = {"resnet18": "ResNet-18 (CIFAR, batch 32)", "mlp3": "MLP 784-1024-1024-10 (batch 128)"}
+MODELS = {"resnet18": "ResNet-18 (CIFAR, batch 32)", "mlp3": "3-layer MLP (input 784, batch 128)"}
 
 
-def build(model_name, device):
+def build(model_name, device, width=64, mlp_width=1024):
     import torch
     import torch.nn as nn
 
     from pyro_ssvi.models import BayesianClassifier, bayesianize, cifar_resnet18
 
     if model_name == "resnet18":
-        model = cifar_resnet18(num_classes=10, width=64, num_data=50000)
+        model = cifar_resnet18(num_classes=10, width=width, num_data=50000)
         x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     else:
-        net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        net = nn.Sequential(nn.Linear(784, mlp_width), nn.ReLU(), nn.Linear(mlp_width, mlp_width), nn.ReLU(), nn.Linear(mlp_width, 10))
         model = BayesianClassifier(bayesianize(net), num_data=60000)
         x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     return model.to(device), x.to(device), y.to(device)
@@ -68,7 +68,7 @@ def worker(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
-    model, x, y = build(cfg["model"], device)
+    model, x, y = build(cfg["model"], device, cfg["width"], cfg["mlp_width"])
     density = cfg["density"]
     optim = pyro.optim.Adam({"lr": 1e-3})
     elbo = pyro.infer.TraceMeanField_ELBO()
@@ -209,6 +209,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--update-every", type=int, default=4, help="SSVI update period (small, so update steps get timed)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+    p.add_argument("--mlp-width", type=int, default=1024, help="hidden width of the MLP")
     add_common_flags(p)
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -224,7 +226,7 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     configs = [
-        {"model": m, "density": d, "lrt": lrt, "repeats": args.repeats, "warmup": args.warmup, "update_every": args.update_every, "device": args.device}
+        {"model": m, "density": d, "lrt": lrt, "repeats": args.repeats, "warmup": args.warmup, "update_every": args.update_every, "device": args.device, "width": args.width, "mlp_width": args.mlp_width}
         for m in args.models for lrt in (False, True) for _, d in GUIDES
     ]
     runs = [run_config(c) for c in tqdm(configs, desc="cost configs")]

@@ -56,7 +56,8 @@ class _Site(NamedTuple):
 
 
 def _is_real(constraint):
-    while isinstance(constraint, constraints.independent):
+    # peel wrappers such as independent(...) and MixtureSameFamily's support constraint
+    while hasattr(constraint, "base_constraint"):
         constraint = constraint.base_constraint
     return type(constraint) is type(constraints.real)
 

@@ -147,3 +147,16 @@ def test_missing_cifar_is_one_line_exit_2(tmp_path):
 def test_bad_flags(flag):
     res = run_cli(*flag)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_failed_download_is_a_usage_error(tmp_path, cifar, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(cifar.UsageError, match="downloading cifar10 .* failed"):
+        cifar.main(["--data-dir", str(tmp_path), "--download", "--epochs", "1"])

@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end (tiny settings) and write their table, JSON and plot."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_UCI = ROOT.parent / "shared" / "data" / "uci"
+
+
+def run(script, *args, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--results-dir", str(tmp_path), "--workers", "1", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def outputs(tmp_path, name):
+    md = (tmp_path / f"{name}.md").read_text()
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert {"torch", "pyro", "python", "machine"} <= set(payload["environment"])
+    return md, payload
+
+
+@pytest.mark.skipif(not SHARED_UCI.exists(), reason="../shared/data/uci is not beside this checkout")
+def test_uci_benchmark(tmp_path):
+    run("uci.py", "--datasets", "yacht", "--splits", "2", "--steps", "30", "--mc-samples", "5", tmp_path=tmp_path)
+    md, payload = outputs(tmp_path, "uci")
+    runs = payload["results"]
+    assert len(runs) == 2 * 4 and {r["method"] for r in runs} == {"dense VI", "SSVI 0.5", "SSVI 0.2", "SSVI 0.1"}
+    assert all(r["rmse"] > 0 for r in runs)
+    assert "PBP (published)" in md and "MC dropout (published)" in md and "±" in md
+    assert payload["args"]["splits"] == 2
+
+
+def test_digits_benchmark(tmp_path):
+    run("digits.py", "--seeds", "1", "--steps", "20", "--cnn-steps", "10", "--mc-samples", "3", tmp_path=tmp_path)
+    md, payload = outputs(tmp_path, "digits")
+    runs = payload["results"]
+    parts = {r["part"] for r in runs}
+    assert parts == {"a", "b", "c", "d"}
+    assert len([r for r in runs if r["part"] == "a"]) == 12
+    ood = [r for r in runs if r["part"] == "b" and r["density"] is not None]
+    assert all(0 <= r["mi_auroc"] <= 1 and 0 <= r["entropy_aupr"] <= 1 for r in ood)
+    for heading in ("(a) Quality", "(b) OOD", "(c) Removal", "(d) Robustness"):
+        assert heading in md
+
+
+def test_cost_benchmark(tmp_path):
+    run("cost.py", "--models", "mlp3,resnet18", "--mlp-width", "32", "--width", "4", "--repeats", "2", "--warmup", "1", "--update-every", "2", tmp_path=tmp_path)
+    md, payload = outputs(tmp_path, "cost")
+    runs = payload["results"]
+    assert len(runs) == 16
+    for r in runs:
+        assert r["seconds_per_step"] > 0 and r["peak_memory_bytes"] > 0 and r["guide_bytes"] > 0
+    sparse = [r for r in runs if r["density"] == 0.1 and r["model"] == "mlp3"]
+    assert all(r["update_step_seconds"] is not None for r in sparse)
+    assert "Targets" in md and "x AutoNormal" in md
