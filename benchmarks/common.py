@@ -69,6 +69,23 @@ def write_results(name, markdown, data, args):
     print(f"wrote {folder / name}.md, .json" + (", .png" if (folder / f"{name}.png").exists() else ""))
 
 
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, args, name):
+    """Lay out, write <results>/<name>.png and close ``fig``."""
+    fig.tight_layout()
+    fig.savefig(results_dir(args) / f"{name}.png", dpi=120)
+    pyplot().close(fig)
+
+
 def add_common_flags(parser):
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
     parser.add_argument("--results-dir", default=None, help=f"where to write the tables, JSON and plots (default {RESULTS})")

@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common import add_common_flags, markdown_table, results_dir, write_results  # noqa: E402
+from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 GUIDES = [("AutoNormal", None), ("ours, density 1", 1.0), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
 MODELS = {"resnet18": "ResNet-18 (CIFAR, batch 32)", "mlp3": "3-layer MLP (input 784, batch 128)"}
@@ -181,10 +181,7 @@ def report(args, runs):
 
 
 def plot(args, runs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(args.models), 3, figsize=(13, 3.2 * len(args.models)), squeeze=False)
     for row, model in zip(axes, args.models):
@@ -197,9 +194,7 @@ def plot(args, runs):
             if key != "seconds_per_step":
                 ax.set_yscale("log")
         row[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results_dir(args) / "cost.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, args, "cost")
 
 
 def parse_args(argv):

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common import add_common_flags, markdown_table, mean_std, results_dir, run_parallel, write_results  # noqa: E402
+from common import add_common_flags, markdown_table, mean_std, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 METHODS = [("deterministic", None), ("dense VI", 1.0), ("SSVI 0.5", 0.5), ("SSVI 0.2", 0.2), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
 REMOVALS = ["abs_mean", "snr", "abs_expectation", "snr_abs", "exp_abs", "snr_exp_abs"]
@@ -181,10 +181,7 @@ def report(args, runs):
 
 
 def plot(args, runs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = ("accuracy", "nll", "ece", "brier")
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
@@ -199,9 +196,7 @@ def plot(args, runs):
             ax.set_xlabel("density")
             ax.set_title(key)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results_dir(args) / "digits.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, args, "digits")
 
 
 def parse_args(argv):

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common import add_common_flags, markdown_table, mean_se, results_dir, run_parallel, write_results  # noqa: E402
+from common import add_common_flags, markdown_table, mean_se, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "uci"
 DATASETS = ["bostonHousing", "concrete", "energy", "wine-quality-red", "yacht"]
@@ -160,10 +160,7 @@ def main(argv=None):
 
 
 def plot(args, summary):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(args.datasets), figsize=(3.2 * len(args.datasets), 3), squeeze=False)
     dens = [dens for _, dens in METHODS]
@@ -177,9 +174,7 @@ def plot(args, summary):
         ax.set_xlabel("density")
     axes[0][0].set_ylabel("test log-likelihood")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results_dir(args) / "uci.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, args, "uci")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-import pyro
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score

@@ -61,12 +61,13 @@ def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, torc
         assert changed.numel() == svi.history[-1]["swapped"][name] > 0
         assert (loc[changed] == 0).all()
         torch.testing.assert_close(guide.scale(name)[changed], torch.full((changed.numel(),), 0.05))
-        state = optim.state[loc] if torch_optim else _adam_state(optim, loc)
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert (state[key][changed] == 0).all()
-            unchanged = torch.ones_like(loc, dtype=torch.bool)
-            unchanged[changed] = False
-            assert (state[key][unchanged] != 0).any()
+        unchanged = torch.ones_like(loc, dtype=torch.bool)
+        unchanged[changed] = False
+        for param in (loc, rho):
+            state = optim.state[param] if torch_optim else _adam_state(optim, param)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert (state[key][changed] == 0).all()
+                assert (state[key][unchanged] != 0).any()
 
 
 def test_new_scale_mean_uses_the_sites_mean_rho(digits):
