@@ -87,6 +87,11 @@ class SSVI:
     :param float new_loc: mean of entries that enter the active set (default 0).
     :param new_scale: ``"mean"`` (default: the site's mean ``rho`` over its active entries,
         as the reference code) or a positive float, the new entries' standard deviation.
+    :param callable dense_grad_hook: optional ``(site, grad) -> grad`` applied to each site's dense
+        gradient before ``addition`` ranks candidates. Under ``torch.distributed`` pass one that
+        all-reduces it, e.g. ``lambda name, g: (dist.all_reduce(g), g)[1]``, so every rank makes
+        the same swap (removal scores come from parameters, which stay in sync, and
+        ``addition="random"`` draws from the global RNG: seed ranks alike).
     :param bool local_reparameterization: sample pre-activations instead of weights in
         ``F.linear``/``F.conv*`` (see :class:`pyro_ssvi.LocalReparameterizationMessenger`).
         Default ``False``: plain weight sampling, exactly what ``pyro.infer.SVI`` does.
@@ -107,6 +112,7 @@ class SSVI:
         addition="gradient",
         new_loc=0.0,
         new_scale="mean",
+        dense_grad_hook=None,
         local_reparameterization=False,
     ):
         if not isinstance(guide, SparseSubspaceGuide):
@@ -132,6 +138,9 @@ class SSVI:
         if not (new_scale == "mean" or (isinstance(new_scale, (int, float)) and not isinstance(new_scale, bool) and new_scale > 0)):
             raise ValueError(f"new_scale: expected 'mean' or a positive float, got {new_scale!r}")
         self.new_loc, self.new_scale = float(new_loc), new_scale
+        if dense_grad_hook is not None and not callable(dense_grad_hook):
+            raise ValueError(f"dense_grad_hook: expected a callable (site, grad) -> grad, got {dense_grad_hook!r}")
+        self.dense_grad_hook = dense_grad_hook
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self._model = SubspacePriorMessenger(guide)(model)
         self.local_reparameterization = bool(local_reparameterization)
@@ -237,6 +246,8 @@ class SSVI:
             if not torch.is_tensor(scores) or scores.shape != loc.shape:
                 raise ValueError(f"removal: the criterion returned shape {getattr(scores, 'shape', None)} for site {name!r}, expected {tuple(loc.shape)}")
             grad = grads.get(name)
+            if grad is not None and self.dense_grad_hook is not None:
+                grad = self.dense_grad_hook(name, grad)
             if grad is None and needs_gradient(self.addition):
                 raise RuntimeError(
                     f"site {name!r}: no dense gradient was recorded on step {t}; the model does not use the "

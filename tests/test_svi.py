@@ -244,3 +244,23 @@ def test_subspace_prior_drops_exactly_the_inactive_coordinates():
     offset = inactive * prior.log_prob(torch.tensor(0.0))
     diff = dense.nodes["w"]["fn"].log_prob(guide_tr.nodes["w"]["value"]) - sub.nodes["w"]["fn"].log_prob(guide_tr.nodes["w"]["value"])
     torch.testing.assert_close(diff, offset)
+
+
+def test_dense_grad_hook_sees_and_replaces_the_gradient(digits):
+    Xtr, ytr, _, _ = digits
+    seen = []
+
+    def hook(name, grad):
+        seen.append((name, grad.shape))
+        forced = torch.zeros_like(grad)
+        forced[7] = 1.0  # make position 7 the best candidate everywhere
+        return forced
+
+    model, guide, svi = make_svi(update_every=2, dense_grad_hook=hook)
+    for _ in range(2):
+        svi.step(Xtr[:64], ytr[:64])
+    assert seen == [("fc1.weight", (6400,)), ("fc2.weight", (1000,))]
+    for name in guide.site_names:  # kept, re-added or added: position 7 is active after the update
+        assert guide.active_mask(name).reshape(-1)[7]
+    with pytest.raises(ValueError, match="dense_grad_hook"):
+        make_svi(dense_grad_hook=3)
