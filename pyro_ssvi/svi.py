@@ -173,7 +173,11 @@ class SSVI:
                 with poutine.trace(param_only=True) as param_capture:
                     loss = self.loss.loss_and_grads(self._model, self.guide, *args, **kwargs)
                 params = set(site["value"].unconstrained() for site in param_capture.trace.nodes.values())
-                self._check_finite(loss, t)
+                try:
+                    self._check_finite(loss, t)
+                except NonFiniteLossError:
+                    zero_grads(params)  # leave no stale gradient behind for a caller who goes on
+                    raise
                 self.optim(params)
                 zero_grads(params)
             else:
