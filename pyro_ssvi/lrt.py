@@ -140,7 +140,7 @@ class LocalReparameterizationMessenger(Messenger):
         self.eligible = {}
         self._by_id = {}
         self._by_name = {}
-        self._good, self._bad = set(), set()
+        self._good, self._bad = set(), {}
         self._mode = None
         self._depth = 0
 
@@ -162,7 +162,7 @@ class LocalReparameterizationMessenger(Messenger):
     def _mark_bad(self, name, func):
         if self.eligible.get(name) is True:
             self._warn(name, func)
-        self._bad.add(name)
+        self._bad.setdefault(name, func)
 
     def _warn(self, name, func):
         fname = getattr(func, "__name__", repr(func))
@@ -193,13 +193,13 @@ class LocalReparameterizationMessenger(Messenger):
                 self._finish_pass()
 
     def _finish_pass(self):
-        for name in self._bad:
+        for name, func in self._bad.items():
             if self.eligible.get(name) is None:
-                self._warn(name, "another function")
-        for name in self._good - self._bad:
+                self._warn(name, func)
+        for name in self._good - set(self._bad):
             if self.eligible.get(name) is None:
                 self.eligible[name] = True
-        self._good, self._bad = set(), set()
+        self._good, self._bad = set(), {}
         self._by_id, self._by_name = {}, {}
 
     def _pyro_post_sample(self, msg):

@@ -167,14 +167,14 @@ class TwiceNet(PyroModule):
         return F.linear(x, w) + w.pow(2).sum()
 
 
-@pytest.mark.parametrize("make, bad, good", [(MatmulNet, "w", "fc.weight"), (TwiceNet, "fc.weight", None)])
-def test_unsupported_uses_fall_back_with_a_warning_naming_the_site(make, bad, good):
+@pytest.mark.parametrize("make, bad, good, func", [(MatmulNet, "w", "fc.weight", "matmul"), (TwiceNet, "fc.weight", None, "pow")])
+def test_unsupported_uses_fall_back_with_a_warning_naming_the_site(make, bad, good, func):
     model = make()
     x = torch.randn(4, 6)
     guide = SparseSubspaceGuide(model, density=0.5, init_loc_fn=gaussian_init, init_scale=0.5)
     guide(x)
     handler = LocalReparameterizationMessenger()
-    with pytest.warns(RuntimeWarning, match=f"site '{bad}'"):
+    with pytest.warns(RuntimeWarning, match=f"site '{bad}' feeds {func}"):
         with handler:
             tr = pyro.poutine.trace(guide).get_trace(x)
             pyro.poutine.replay(model, tr)(x)
