@@ -90,11 +90,17 @@ def test_resnet_guide_keeps_the_first_convolution_dense():
     assert guide.site_info("net.linear.weight").k == 64
 
 
-def test_layer_flops_match_flop_counter():
+def resnet_with_guide(batch):
+    """A width-8 ResNet-18, its guide at density 0.1 (first convolution dense), and an input batch."""
     model = cifar_resnet18(width=8)
     guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
-    x = torch.randn(4, 3, 32, 32)
-    guide(x, torch.randint(0, 10, (4,)))
+    x = torch.randn(batch, 3, 32, 32)
+    guide(x, torch.randint(0, 10, (batch,)))
+    return model, guide, x
+
+
+def test_layer_flops_match_flop_counter():
+    model, guide, x = resnet_with_guide(4)
     total, per_site = layer_flops(model, guide, x)
     with FlopCounterMode(display=False) as fc:
         ResNet18(10, 8)(x)
@@ -106,10 +112,7 @@ def test_layer_flops_match_flop_counter():
 
 
 def test_flops_report_formula():
-    model = cifar_resnet18(width=8)
-    guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
-    x = torch.randn(2, 3, 32, 32)
-    guide(x, torch.randint(0, 10, (2,)))
+    model, guide, x = resnet_with_guide(2)
     total, per_site = layer_flops(model, guide, x)
     rep = flops_report(model, guide, x, local_reparameterization=True, update_every=100)
     f_b = sum(per_site.values())
