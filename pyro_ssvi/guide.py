@@ -123,7 +123,8 @@ class SparseSubspaceGuide(AutoGuide):
         self.init_loc_fn = init_loc_fn
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
         self._sites = None
-        self._taps = None
+        self._taps = None  # {site: [tensors whose .grad to collect]} inside capture_dense_grads
+        self._captured = {}
         self.register_buffer("ssvi_step", torch.zeros((), dtype=torch.long))
 
     # argument checks -----------------------------------------------------------------
@@ -399,7 +400,7 @@ class SparseSubspaceGuide(AutoGuide):
     def dense_grads(self):
         """Gradients captured by the last :meth:`capture_dense_grads` block (summed over taps)."""
         out = {}
-        for name, tensors in getattr(self, "_captured", {}).items():
+        for name, tensors in self._captured.items():
             numel = self._sites[name].numel
             grads = [t.grad.reshape(-1, numel).sum(0) for t in tensors if t.grad is not None]
             if grads:

@@ -38,10 +38,9 @@ class SubspacePriorMessenger(Messenger):
         msg["fn"] = SubspacePrior(msg["fn"], self.guide.active_index(msg["name"]))
 
 
-def subspace_prior(fn=None, guide=None):
-    """Functional form of :class:`SubspacePriorMessenger`."""
-    msngr = SubspacePriorMessenger(guide)
-    return msngr(fn) if fn is not None else msngr
+def subspace_prior(fn, guide):
+    """Functional form of :class:`SubspacePriorMessenger`: ``fn`` with its sparse priors restricted."""
+    return SubspacePriorMessenger(guide)(fn)
 
 
 class KLScaleMessenger(Messenger):

@@ -7,7 +7,7 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 
 from conftest import BNN
-from pyro_ssvi import SSVI, NonFiniteLossError, SparseSubspaceGuide, reset_optimizer_state
+from pyro_ssvi import SSVI, NonFiniteLossError, SparseSubspaceGuide, SubspacePrior, reset_optimizer_state, subspace_prior
 
 
 def make_svi(model=None, optim=None, loss=None, density=0.1, **kwargs):
@@ -236,9 +236,9 @@ def test_subspace_prior_drops_exactly_the_inactive_coordinates():
     model = Regression(prior)
     guide = SparseSubspaceGuide(model, density=0.25)
     guide(x, y)
-    svi = SSVI(model, guide, pyro.optim.Adam({}), pyro.infer.Trace_ELBO(), total_steps=1)
     guide_tr = pyro.poutine.trace(guide).get_trace(x, y)
-    sub = pyro.poutine.trace(pyro.poutine.replay(svi._model, guide_tr)).get_trace(x, y)
+    sub = pyro.poutine.trace(pyro.poutine.replay(subspace_prior(model, guide), guide_tr)).get_trace(x, y)
+    assert isinstance(sub.nodes["w"]["fn"], SubspacePrior)
     dense = pyro.poutine.trace(pyro.poutine.replay(model, guide_tr)).get_trace(x, y)
     inactive = (~guide.active_mask("w")).sum()
     offset = inactive * prior.log_prob(torch.tensor(0.0))
