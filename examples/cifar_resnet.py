@@ -99,14 +99,16 @@ def normalise(x, mean, std):
 
 def augment(x):
     """Random crop with 4-pixel zero padding and random horizontal flip (torch RNG, on device)."""
-    n = x.shape[0]
+    n, dev = x.shape[0], x.device
     padded = F.pad(x, (4, 4, 4, 4))
-    i = torch.randint(0, 9, (n,)).tolist()
-    j = torch.randint(0, 9, (n,)).tolist()
-    out = torch.stack([padded[k, :, i[k] : i[k] + 32, j[k] : j[k] + 32] for k in range(n)])
-    flip = torch.rand(n) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
+    i = torch.randint(0, 9, (n,)).to(dev)
+    j = torch.randint(0, 9, (n,)).to(dev)
+    flip = (torch.rand(n) < 0.5).to(dev)
+    offs = torch.arange(32, device=dev)
+    rows = (i[:, None] + offs)[:, :, None]  # (n, 32, 1)
+    cols = j[:, None] + torch.where(flip[:, None], 31 - offs, offs)  # (n, 32), reversed when flipped
+    out = padded[torch.arange(n, device=dev)[:, None, None], :, rows, cols[:, None, :]]  # (n, 32, 32, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 # checkpoints -----------------------------------------------------------------------------

@@ -160,3 +160,17 @@ def test_failed_download_is_a_usage_error(tmp_path, cifar, monkeypatch):
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
     with pytest.raises(cifar.UsageError, match="downloading cifar10 .* failed"):
         cifar.main(["--data-dir", str(tmp_path), "--download", "--epochs", "1"])
+
+
+def test_augment_is_a_crop_and_flip(cifar):
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    out = cifar.augment(x)
+    torch.manual_seed(0)
+    i, j, flip = torch.randint(0, 9, (2,)), torch.randint(0, 9, (2,)), torch.rand(2) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for k in range(2):
+        ref = padded[k, :, i[k] : i[k] + 32, j[k] : j[k] + 32]
+        ref = ref.flip(-1) if flip[k] else ref
+        assert torch.equal(out[k], ref)
+    assert out.shape == x.shape

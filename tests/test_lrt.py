@@ -29,7 +29,7 @@ class LinearNet(PyroModule):
 class ConvNet(PyroModule):
     def __init__(self, dim=2):
         super().__init__()
-        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}[dim]
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dim]
         self.conv = PyroModule[conv](2, 3, 3, stride=2, padding=1, bias=False)
         self.conv.weight = PyroSample(dist.Normal(0.0, 1.0).expand([3, 2] + [3] * dim).to_event(dim + 2))
 
@@ -61,6 +61,7 @@ CASES = [
     ("sparse-linear-nobias", lambda: LinearNet(False), (4, 6), "sparse"),
     ("sparse-conv2d", lambda: ConvNet(2), (2, 2, 5, 5), "sparse"),
     ("sparse-conv1d", lambda: ConvNet(1), (2, 2, 7), "sparse"),
+    ("sparse-conv3d", lambda: ConvNet(3), (2, 2, 4, 4, 4), "sparse"),
     ("dense-autonormal-linear", lambda: LinearNet(True), (4, 6), "autonormal"),
     ("dense-autonormal-conv2d", lambda: ConvNet(2), (2, 2, 5, 5), "autonormal"),
 ]

@@ -120,6 +120,8 @@ def test_flops_report_formula():
     expect = 3 * (total - f_b + 2 * sum(dens[s] * f for s, f in per_site.items())) + sum((1 - dens[s]) * f for s, f in per_site.items()) / 100
     assert rep["train_flops_per_step"] == pytest.approx(expect)
     assert rep["dense_vi_train_flops_per_step"] == 3 * (total + f_b)
+    assert rep["inference_flops"] == pytest.approx(total - f_b + sum(dens[s] * f for s, f in per_site.items()))
+    assert rep["dense_inference_flops"] == total
     ws = flops_report(model, guide, x, local_reparameterization=False, gradient_addition=False)
     assert ws["dense_vi_train_flops_per_step"] == 3 * total
     assert ws["train_flops_per_step"] < 0.15 * ws["dense_vi_train_flops_per_step"]
