@@ -17,7 +17,6 @@ SSVI's update steps (one every ``--update-every``) are timed separately. Writes
 results/cost.{md,json,png}.
 """
 
-import argparse
 import json
 import pathlib
 import subprocess
@@ -26,6 +25,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 GUIDES = [("AutoNormal", None), ("ours, density 1", 1.0), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
@@ -199,7 +199,7 @@ def plot(args, runs):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Cost of dense VI vs SSVI: time, memory, guide state, FLOPs.")
+    p = ArgumentParser(description="Cost of dense VI vs SSVI: time, memory, guide state, FLOPs.")
     p.add_argument("--models", default="resnet18,mlp3", help="comma-separated: resnet18, mlp3")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
@@ -238,4 +238,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
     else:
-        main(sys.argv[1:])
+        run_main(main)

@@ -14,13 +14,13 @@ Parts (an MLP 64-100-10 and a small CNN; Normal(0, 1) priors; Adam; MC-averaged 
 Writes results/digits.{md,json,png}.
 """
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, mean_std, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 METHODS = [("deterministic", None), ("dense VI", 1.0), ("SSVI 0.5", 0.5), ("SSVI 0.2", 0.2), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
@@ -204,7 +204,7 @@ def plot(args, runs):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Digits benchmark: dense VI vs SSVI.")
+    p = ArgumentParser(description="Digits benchmark: dense VI vs SSVI.")
     p.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ab'")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2000, help="SVI steps of the MLP")
@@ -234,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -11,13 +11,13 @@ the splits. The noise scale is a point estimate learned with the ELBO. Writes
 results/uci.{md,json,png}.
 """
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, mean_se, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "uci"
@@ -107,7 +107,7 @@ def fit_one(task):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="UCI regression: dense VI vs SSVI.")
+    p = ArgumentParser(description="UCI regression: dense VI vs SSVI.")
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--splits", type=int, default=20, help="use splits 0..N-1 (at most 20)")
     p.add_argument("--steps", type=int, default=2000, help="full-batch SVI steps per fit")
@@ -178,4 +178,4 @@ def plot(args, summary):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -17,12 +17,10 @@ random crop (pad 4) and horizontal flip. A validation split of the training set 
 monitored each epoch; the test set is evaluated once, at the end.
 """
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_ssvi import SSVI, SparseSubspaceGuide
+from pyro_ssvi.cli import ArgumentParser, run_main
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes
 from pyro_ssvi.handlers import KLScaleMessenger
 from pyro_ssvi.metrics import accuracy, brier, ece, mc_predict, mean_predict, nll
@@ -167,7 +166,7 @@ def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
 
 # arguments -------------------------------------------------------------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="SSVI on CIFAR with a Bayesian ResNet-18 (the reference recipe).")
+    p = ArgumentParser(description="SSVI on CIFAR with a Bayesian ResNet-18 (the reference recipe).")
     a = p.add_argument
     a("--dataset", choices=("cifar10", "cifar100", "synthetic"), default="cifar10")
     a("--data-dir", default="./data", help="folder holding (or receiving) the torchvision CIFAR files")
@@ -405,10 +404,4 @@ def _sparse_density(guide):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, usage_errors=(UsageError,))

@@ -8,9 +8,7 @@ Each run trains the same ``PyroModule`` MLP (64-100-10, Normal(0, 1) priors) wit
 Test metrics use the MC-averaged predictive (``--mc-samples`` weight draws).
 """
 
-import argparse
 import json
-import sys
 import time
 
 import pyro
@@ -19,6 +17,7 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 
 from pyro_ssvi import SSVI, SparseSubspaceGuide
+from pyro_ssvi.cli import ArgumentParser, run_main
 from pyro_ssvi.cost import guide_state_bytes
 from pyro_ssvi.metrics import classification_report, mc_predict
 
@@ -81,7 +80,7 @@ def evaluate(model, guide, X, y, mc_samples):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--densities", default="0.1,1.0", help="comma-separated densities (1.0 = dense VI)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=1437, help="minibatch size (default: full batch)")
@@ -137,7 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

@@ -60,3 +60,9 @@ def test_cost_benchmark(tmp_path):
     sparse = [r for r in runs if r["density"] == 0.1 and r["model"] == "mlp3"]
     assert all(r["update_step_seconds"] is not None for r in sparse)
     assert "Targets" in md and "x AutoNormal" in md
+
+
+@pytest.mark.parametrize("script, flag", [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg")])
+def test_bad_flags_are_one_line(script, flag):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and flag.split("=")[0] in res.stderr
