@@ -75,8 +75,28 @@ def fit(density, data, steps, lr, hidden, seed, batch_size, progress=True, **ssv
 
 
 def evaluate(model, guide, X, y, mc_samples):
+    """Metrics of the MC-averaged predictive, and its class probabilities."""
     logits = mc_predict(model, guide, X, num_samples=mc_samples)
-    return classification_report(logits, y)
+    return classification_report(logits, y), logits.softmax(-1).mean(0)
+
+
+def plot_reliability_diagrams(path, probs_by_density, y):
+    """One reliability diagram per density, side by side, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_ssvi.metrics import plot_reliability
+
+    n = len(probs_by_density)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    for ax, (density, probs) in zip(axes[0], probs_by_density):
+        plot_reliability(probs, y, ax=ax)
+        ax.set_title(f"density {density:g}: " + ax.get_title())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parse_args(argv):
@@ -89,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--mc-samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", help="save reliability diagrams (one per density) to this image file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -106,12 +127,13 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     data = load_digits_split(args.seed)
-    results = []
+    results, probs_by_density = [], []
     for density in args.densities:
         model, guide, svi, optim, seconds = fit(
             density, data, args.steps, args.lr, args.hidden, args.seed, args.batch_size, not args.no_progress
         )
-        report = evaluate(model, guide, data[2], data[3], args.mc_samples)
+        report, probs = evaluate(model, guide, data[2], data[3], args.mc_samples)
+        probs_by_density.append((density, probs))
         report.update(
             density=density,
             active_params=guide.active_params,
@@ -128,6 +150,9 @@ def main(argv=None):
             f"{r['density']:>8g} {r['accuracy']:>9.4f} {r['nll']:>7.4f} {r['ece']:>7.4f} {r['brier']:>7.4f} "
             f"{r['active_params']:>7}/{r['dense_params']:<6} {r['guide_bytes']:>12} {r['seconds']:>8.1f}"
         )
+    if args.plot:
+        plot_reliability_diagrams(args.plot, probs_by_density, data[3])
+        print(f"reliability diagrams: {args.plot}")
     out = {"results": results, "args": {k: v for k, v in vars(args).items()}}
     if args.out:
         with open(args.out, "w") as f:

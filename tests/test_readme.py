@@ -40,11 +40,12 @@ def test_readme_commands_name_the_main_job_and_pytest():
 
 
 def test_main_job_cli(tmp_path):
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "examples" / "digits.py"), "--steps", "150", "--no-progress", "--out", str(out)]
+    out, png = tmp_path / "r.json", tmp_path / "rel.png"
+    cmd = [sys.executable, str(ROOT / "examples" / "digits.py"), "--steps", "150", "--no-progress", "--out", str(out), "--plot", str(png)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "accuracy" in res.stdout and "0.1" in res.stdout
+    assert png.stat().st_size > 5000
     import json
 
     results = json.loads(out.read_text())["results"]
