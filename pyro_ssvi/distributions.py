@@ -85,6 +85,8 @@ class SparseNormal(TorchDistribution):
                 raise ValueError(f"index=None needs k == prod(shape) = {numel}, got k = {k}")
         elif index.shape != (k,):
             raise ValueError(f"index must have shape ({k},), got {tuple(index.shape)}")
+        else:
+            index = index.long()  # scatter wants int64; the guide stores int32
         self.loc, self.scale, self.index, self.site_shape = loc, scale, index, shape
         self._tap = None
         super().__init__(loc.shape[:-1], shape, validate_args=validate_args)
@@ -169,7 +171,7 @@ class SubspacePrior(TorchDistribution):
         scalar = factorised_base(base)
         if scalar is None:
             raise ValueError(f"SubspacePrior needs a factorised prior, got {type(base).__name__}")
-        self.base, self.scalar, self.index = base, scalar, index
+        self.base, self.scalar, self.index = base, scalar, index.long()
         self.site_shape = base.event_shape
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 

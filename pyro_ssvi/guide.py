@@ -3,8 +3,8 @@
 For each latent site ``theta`` (a weight tensor with ``d = numel`` coordinates) the
 guide keeps ``k = round(density * d)`` active coordinates::
 
-    indices.<site>               LongTensor (k,)   flat positions of the active entries (buffer;
-                                                   empty for a dense site, whose entries are in order)
+    indices.<site>               IntTensor  (k,)   flat positions of the active entries (int32 buffer,
+                                                   int64 beyond 2^31 entries; empty for a dense site)
     locs.<site>                  Parameter  (k,)   mu
     unconstrained_scales.<site>  Parameter  (k,)   rho, sigma = softplus(rho) (or exp(rho))
 
@@ -53,6 +53,11 @@ class _Site(NamedTuple):
     @property
     def full(self):
         return self.k == self.numel
+
+
+def _index_dtype(numel):
+    """Active indices are stored as int32 (4 bytes per active entry) unless a site is too large."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
 
 
 def _is_real(constraint):
@@ -204,10 +209,11 @@ class SparseSubspaceGuide(AutoGuide):
             device = value.device
             if k == numel:  # dense site: every coordinate active in natural order; no index stored
                 loc = value.reshape(-1).clone()
-                index = torch.zeros(0, dtype=torch.long, device=device)
+                index = torch.zeros(0, dtype=_index_dtype(numel), device=device)
             else:
                 index = torch.randperm(numel, device=device)[:k].sort().values
                 loc = value.reshape(-1)[index].clone()
+                index = index.to(_index_dtype(numel))
             scale = self._draw_scale(k, value)
             _deep_set(self.indices, name, index, buffer=True)
             _deep_set(self.locs, name, torch.nn.Parameter(loc))
@@ -375,7 +381,8 @@ class SparseSubspaceGuide(AutoGuide):
             return
         if new_index.min() < 0 or new_index.max() >= info.numel:
             raise ValueError(f"new_index: positions must lie in [0, {info.numel}) for site {name!r}")
-        self.active_index(name)[positions] = new_index
+        index = self.active_index(name)
+        index[positions] = new_index.to(index.dtype)
         self.loc(name)[positions] = loc
         self.unconstrained_scale(name)[positions] = unconstrained_scale
 

@@ -28,7 +28,7 @@ class SwapDecision(NamedTuple):
 def select_swap(index, removal_scores, n, numel, addition_scores):
     """Choose the swap of ``n`` entries for one site.
 
-    :param torch.LongTensor index: active flat positions, shape ``(k,)``.
+    :param torch.Tensor index: active flat positions (an integer tensor), shape ``(k,)``.
     :param torch.Tensor removal_scores: shape ``(k,)``, higher = keep.
     :param int n: entries to remove and add, ``0 <= n <= k``.
     :param int numel: the site's dense size.
@@ -36,6 +36,7 @@ def select_swap(index, removal_scores, n, numel, addition_scores):
         only entries where ``candidates`` is true can be added.
     :rtype: SwapDecision
     """
+    index = index.long()
     k = index.numel()
     if not 0 <= n <= k:
         raise ValueError(f"n: expected 0 <= n <= {k}, got {n}")
