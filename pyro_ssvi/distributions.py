@@ -62,7 +62,7 @@ class SparseNormal(TorchDistribution):
 
     :param torch.Tensor loc: means of the active coordinates, shape ``batch + (k,)``.
     :param torch.Tensor scale: standard deviations, same shape as ``loc``.
-    :param torch.LongTensor index: flat (row-major) positions of the ``k`` active
+    :param torch.Tensor index: flat (row-major) positions (any integer dtype) of the ``k`` active
         coordinates in a tensor of shape ``shape``; ``None`` means all coordinates
         are active in their natural order (``k == prod(shape)``).
     :param torch.Size shape: the dense shape of one sample (the event shape).
@@ -162,7 +162,7 @@ class SubspacePrior(TorchDistribution):
     prior's samples with the inactive coordinates set to zero.
 
     :param base: the model's prior for the site (batch shape ``()``, factorised).
-    :param torch.LongTensor index: flat positions of the active coordinates.
+    :param torch.Tensor index: flat positions (any integer dtype) of the active coordinates.
     """
 
     arg_constraints = {}
