@@ -32,6 +32,7 @@ Use it around the ELBO computation::
 or let :class:`~pyro_ssvi.SSVI` apply it (``local_reparameterization=True``).
 """
 
+import functools
 import warnings
 
 import torch
@@ -88,12 +89,25 @@ def _in_model():
     return any(isinstance(frame, (ReplayMessenger, ConditionMessenger)) for frame in _PYRO_STACK)
 
 
-def _iter_tensors(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
-        if torch.is_tensor(a):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (b for b in a if torch.is_tensor(b))
+def _registered_args(by_id, args, kwargs):
+    """Registry entries of the tensors among ``args``/``kwargs`` (one level into lists and tuples).
+
+    This runs for every torch call inside the handler, so it avoids building lists when
+    nothing matches.
+    """
+    hits = None
+    for group in (args, kwargs.values()):
+        for a in group:
+            if isinstance(a, (list, tuple)):
+                inner = [e for e in (by_id.get(id(b)) for b in a) if e is not None]
+                for e in inner:
+                    if any(e.tensor is b for b in a):
+                        hits = (hits or []) + [e]
+                continue
+            e = by_id.get(id(a))
+            if e is not None and e.tensor is a:
+                hits = (hits or []) + [e]
+    return hits
 
 
 class _Mode(TorchFunctionMode):
@@ -118,7 +132,7 @@ class _Mode(TorchFunctionMode):
                         owner._good.add(entry.name)
                     return func(*args, **kwargs)
             if func not in _METADATA:
-                hits = [e for e in map(owner._lookup, _iter_tensors(args, kwargs)) if e is not None]
+                hits = _registered_args(owner._by_id, args, kwargs)
                 if hits and _in_model():
                     for entry in hits:
                         owner._mark_bad(entry.name, func)
@@ -143,6 +157,7 @@ class LocalReparameterizationMessenger(Messenger):
         self._good, self._bad = set(), {}
         self._mode = None
         self._depth = 0
+        self._model_scoped = False
 
     # registry -------------------------------------------------------------------
     def _lookup(self, t):
@@ -175,8 +190,24 @@ class LocalReparameterizationMessenger(Messenger):
         self.eligible[name] = False
 
     # Pyro messenger -------------------------------------------------------------
+    def scope_to(self, model):
+        """Return ``model`` wrapped so that torch calls are intercepted only while it runs.
+
+        Use the wrapped model inside this handler's context: the handler still registers
+        the guide's samples, but the guide and the ELBO's own arithmetic then run without
+        the interception's per-call cost. :class:`~pyro_ssvi.SSVI` does this.
+        """
+        self._model_scoped = True
+
+        @functools.wraps(model)
+        def scoped(*args, **kwargs):
+            with _Mode(self):
+                return model(*args, **kwargs)
+
+        return scoped
+
     def __enter__(self):
-        if self._depth == 0:
+        if self._depth == 0 and not self._model_scoped:
             self._mode = _Mode(self)
             self._mode.__enter__()
         self._depth += 1
@@ -188,8 +219,9 @@ class LocalReparameterizationMessenger(Messenger):
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self._mode.__exit__(exc_type, exc_value, traceback)
-                self._mode = None
+                if self._mode is not None:
+                    self._mode.__exit__(exc_type, exc_value, traceback)
+                    self._mode = None
                 self._finish_pass()
 
     def _finish_pass(self):

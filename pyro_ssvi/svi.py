@@ -149,6 +149,7 @@ class SSVI:
             from .lrt import LocalReparameterizationMessenger
 
             self._lrt = LocalReparameterizationMessenger()
+            self._model = self._lrt.scope_to(self._model)
         self.history = []
 
     @property

@@ -216,3 +216,23 @@ def test_ssvi_with_lrt_trains_updates_and_checkpoints_eligibility():
     assert losses[-1] < losses[0]
     assert len(svi.history) == 4 and svi.history[0]["swapped"]["fc1.weight"] > 0
     assert svi.state_dict()["lrt_eligible"] == {"fc1.weight": True, "fc2.weight": True}
+    assert svi._lrt._model_scoped and svi._lrt._mode is None  # interception only while the model runs
+
+
+def test_scope_to_intercepts_inside_the_model_only():
+    x = torch.randn(4, 6)
+    model = LinearNet(True)
+    guide = SparseSubspaceGuide(model, density=0.5, init_loc_fn=gaussian_init, init_scale=0.5)
+    guide(x)
+    handler = LocalReparameterizationMessenger()
+    scoped = handler.scope_to(model)
+    seen = []
+    for _ in range(3):
+        with handler:
+            tr = pyro.poutine.trace(guide).get_trace(x)
+            seen.append(torch.overrides._get_current_function_mode_stack() == [])
+            out = pyro.poutine.replay(scoped, tr)(x)
+    assert all(seen) and handler.eligible == {"fc.weight": True}
+    # the last pass used LRT: the output is not F.linear of the sampled weight
+    w = tr.nodes["fc.weight"]["value"]
+    assert not torch.allclose(out, F.linear(x, w, model.fc.bias))
