@@ -33,6 +33,7 @@ or let :class:`~pyro_ssvi.SSVI` apply it (``local_reparameterization=True``).
 """
 
 import functools
+import itertools
 import warnings
 
 import torch
@@ -89,24 +90,14 @@ def _in_model():
     return any(isinstance(frame, (ReplayMessenger, ConditionMessenger)) for frame in _PYRO_STACK)
 
 
-def _registered_args(by_id, args, kwargs):
-    """Registry entries of the tensors among ``args``/``kwargs`` (one level into lists and tuples).
-
-    This runs for every torch call inside the handler, so it avoids building lists when
-    nothing matches.
-    """
-    hits = None
-    for group in (args, kwargs.values()):
-        for a in group:
-            if isinstance(a, (list, tuple)):
-                inner = [e for e in (by_id.get(id(b)) for b in a) if e is not None]
-                for e in inner:
-                    if any(e.tensor is b for b in a):
-                        hits = (hits or []) + [e]
-                continue
-            e = by_id.get(id(a))
-            if e is not None and e.tensor is a:
-                hits = (hits or []) + [e]
+def _registered_args(lookup, args, kwargs):
+    """Registry entries of the tensors among ``args``/``kwargs`` (one level into lists and tuples)."""
+    hits = []
+    for a in itertools.chain(args, kwargs.values()):
+        for t in a if isinstance(a, (list, tuple)) else (a,):
+            entry = lookup(t)
+            if entry is not None:
+                hits.append(entry)
     return hits
 
 
@@ -132,7 +123,7 @@ class _Mode(TorchFunctionMode):
                         owner._good.add(entry.name)
                     return func(*args, **kwargs)
             if func not in _METADATA:
-                hits = _registered_args(owner._by_id, args, kwargs)
+                hits = _registered_args(owner._lookup, args, kwargs)
                 if hits and _in_model():
                     for entry in hits:
                         owner._mark_bad(entry.name, func)
