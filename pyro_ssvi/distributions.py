@@ -171,7 +171,7 @@ class SubspacePrior(TorchDistribution):
         scalar = factorised_base(base)
         if scalar is None:
             raise ValueError(f"SubspacePrior needs a factorised prior, got {type(base).__name__}")
-        self.base, self.scalar, self.index = base, scalar, index.long()
+        self.base, self.scalar, self.index = base, scalar, index  # int32 indexes fine here: no copy
         self.site_shape = base.event_shape
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
