@@ -30,29 +30,30 @@ def tensor_bytes(t):
     return t.numel() * t.element_size()
 
 
-def _optimizer_slots(guide, optim):
-    """Per-coordinate optimiser tensors per parameter (SGD momentum: 1, Adam: 2, none: 0)."""
+def _guide_optimizer_states(guide, optim):
+    """``(parameter, state)`` of every guide parameter the optimiser holds state for."""
     if optim is None:
-        return 0
-    params = {id(p): p for p in guide.parameters()}
+        return
+    ids = {id(p) for p in guide.parameters()}
     for opt in _torch_optimizers(optim):
         for p, state in opt.state.items():
-            if id(p) in params:
-                return sum(1 for v in state.values() if torch.is_tensor(v) and v.shape == p.shape)
+            if id(p) in ids:
+                yield p, state
+
+
+def _optimizer_slots(guide, optim):
+    """Per-coordinate optimiser tensors per parameter (SGD momentum: 1, Adam: 2, none: 0)."""
+    for p, state in _guide_optimizer_states(guide, optim):
+        return sum(1 for v in state.values() if torch.is_tensor(v) and v.shape == p.shape)
     return 0
 
 
 def guide_state_bytes(guide, optim=None):
     """Bytes of the guide's state: parameters, buffers (active indices) and, when ``optim`` is
     given, the optimiser state of the guide's parameters."""
-    params = list(guide.parameters())
-    total = sum(tensor_bytes(p) for p in params) + sum(tensor_bytes(b) for b in guide.buffers())
-    if optim is not None:
-        ids = {id(p) for p in params}
-        for opt in _torch_optimizers(optim):
-            for p, state in opt.state.items():
-                if id(p) in ids:
-                    total += sum(tensor_bytes(v) for v in state.values() if torch.is_tensor(v))
+    total = sum(tensor_bytes(p) for p in guide.parameters()) + sum(tensor_bytes(b) for b in guide.buffers())
+    for _, state in _guide_optimizer_states(guide, optim):
+        total += sum(tensor_bytes(v) for v in state.values() if torch.is_tensor(v))
     return total
 
 
