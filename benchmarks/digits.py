@@ -63,7 +63,7 @@ def fit(task):
     import torch
 
     from pyro_ssvi import SSVI, SparseSubspaceGuide
-    from pyro_ssvi.metrics import brier, ece, mc_predict, mutual_information, nll, ood_metrics, predictive_entropy, accuracy
+    from pyro_ssvi.metrics import classification_metrics, mc_predict, mutual_information, ood_metrics, predictive_entropy
     from pyro_ssvi.models import BayesianClassifier, bayesianize
 
     part, arch, method, density, seed, opts, args = task
@@ -103,7 +103,7 @@ def fit(task):
     probs = sample_probs.mean(0)
     out = {
         "part": part, "arch": arch, "method": method, "density": density, "seed": seed, **opts,
-        "accuracy": accuracy(probs, yte), "nll": nll(probs, yte), "ece": ece(probs, yte), "brier": brier(probs, yte),
+        **classification_metrics(probs, yte),
         "active_params": active, "dense_params": dense,
     }
     if ood_probs is not None:

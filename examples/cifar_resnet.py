@@ -34,7 +34,7 @@ from pyro_ssvi import SSVI, SparseSubspaceGuide
 from pyro_ssvi.cli import ArgumentParser, run_main
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes
 from pyro_ssvi.handlers import KLScaleMessenger
-from pyro_ssvi.metrics import accuracy, brier, ece, mc_predict, mean_predict, nll
+from pyro_ssvi.metrics import classification_metrics, mc_predict, mean_predict
 from pyro_ssvi.models import cifar_resnet18, recalibrate_batchnorm
 
 MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
@@ -144,10 +144,6 @@ def set_rng_state(state):
 
 
 # evaluation ------------------------------------------------------------------------------
-def classification_metrics(probs, y):
-    return {"accuracy": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y), "brier": brier(probs, y)}
-
-
 @torch.no_grad()
 def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
     model.eval()

@@ -220,7 +220,11 @@ def mean_predict(model, guide, x, *args, **kwargs):
     return poutine.block(poutine.condition(model, data=guide.median()))(x, *args, **kwargs)
 
 
-def classification_report(sample_logits, y):
-    """Accuracy, NLL, ECE and Brier of the MC-averaged predictive from logits ``(S, N, C)``."""
-    probs = sample_logits.softmax(-1).mean(0)
+def classification_metrics(probs, y):
+    """Accuracy, NLL, ECE and Brier of predictive probabilities ``(N, C)``."""
     return {"accuracy": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y), "brier": brier(probs, y)}
+
+
+def classification_report(sample_logits, y):
+    """:func:`classification_metrics` of the MC-averaged predictive from logits ``(S, N, C)``."""
+    return classification_metrics(sample_logits.softmax(-1).mean(0), y)

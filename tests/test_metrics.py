@@ -102,5 +102,7 @@ def test_mc_predict_in_batches_matches_shapes_and_mean_predict(digits):
     med = guide.median()
     ref = torch.relu(Xte[:50] @ med["fc1.weight"].T + model.fc1.bias) @ med["fc2.weight"].T + model.fc2.bias
     torch.testing.assert_close(mean, ref)
-    rep = metrics.classification_report(out, torch.zeros(50, dtype=torch.long))
+    y = torch.zeros(50, dtype=torch.long)
+    rep = metrics.classification_report(out, y)
+    assert rep == metrics.classification_metrics(out.softmax(-1).mean(0), y)
     assert set(rep) == {"accuracy", "nll", "ece", "brier"}
