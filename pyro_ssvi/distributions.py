@@ -1,6 +1,7 @@
 """Distributions for sparse sites.
 
-:class:`SparseNormal` is the variational family of one SSVI site (SPEC section 2)::
+:class:`SparseNormal` is the variational family of one SSVI site (Li, Miao, Qiu, Zhang,
+ICLR 2024, arXiv 2402.11025)::
 
     q_{S,phi}(theta) = prod_{i in S} Normal(theta_i; mu_i, sigma_i^2) * prod_{i not in S} delta(theta_i = 0)
 
@@ -88,7 +89,6 @@ class SparseNormal(TorchDistribution):
         else:
             index = index.long()  # scatter wants int64; the guide stores int32
         self.loc, self.scale, self.index, self.site_shape = loc, scale, index, shape
-        self._tap = None
         super().__init__(loc.shape[:-1], shape, validate_args=validate_args)
 
     @property
@@ -102,9 +102,7 @@ class SparseNormal(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         k = (self.num_active,)
-        new = SparseNormal(self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape)
-        new._tap = self._tap
-        return new
+        return SparseNormal(self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape)
 
     # dense <-> active conversions ------------------------------------------------
     def scatter(self, active):
@@ -125,10 +123,7 @@ class SparseNormal(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)[: -len(self.site_shape) or None] + (self.num_active,)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        value = self.scatter(self.loc + self.scale * eps)
-        if self._tap is not None:
-            self._tap(value)
-        return value
+        return self.scatter(self.loc + self.scale * eps)
 
     def log_prob(self, value):
         active = self.gather(value)
@@ -146,13 +141,6 @@ class SparseNormal(TorchDistribution):
     @property
     def variance(self):
         return self.scatter(self.scale**2)
-
-    def dense_loc(self):
-        """The dense mean (zeros off the active set), tapped for gradient-based addition."""
-        value = self.scatter(self.loc)
-        if self._tap is not None:
-            self._tap(value)
-        return value
 
 
 class SubspacePrior(TorchDistribution):

@@ -19,7 +19,6 @@ indices and the ``ssvi_step`` counter) is a complete checkpoint. Every piece of
 state is an ordinary buffer or parameter, so ``torch.distributed`` can broadcast it.
 """
 
-import contextlib
 import functools
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -113,7 +112,6 @@ class SparseSubspaceGuide(AutoGuide):
         init_loc_fn=init_to_normal,
         init_scale=(6e-4, 5e-4),
         scale_transform="softplus",
-        create_plates=None,
     ):
         self._density = self._check_density(density)
         if isinstance(dense_sites, str) or not all(isinstance(s, str) for s in dense_sites):
@@ -126,10 +124,8 @@ class SparseSubspaceGuide(AutoGuide):
         if not callable(init_loc_fn):
             raise ValueError(f"init_loc_fn: expected a callable site -> value, got {init_loc_fn!r}")
         self.init_loc_fn = init_loc_fn
-        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+        super().__init__(InitMessenger(init_loc_fn)(model))
         self._sites = None
-        self._taps = None  # {site: [tensors whose .grad to collect]} inside capture_dense_grads
-        self._captured = {}
         self.register_buffer("ssvi_step", torch.zeros((), dtype=torch.long))
 
     # argument checks -----------------------------------------------------------------
@@ -303,10 +299,7 @@ class SparseSubspaceGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         result = {}
         for name in self._sites:
-            fn = self.get_posterior(name)
-            if self._taps is not None and name in self._taps:
-                fn._tap = functools.partial(self._record_tap, name)
-            result[name] = pyro.sample(name, fn)
+            result[name] = pyro.sample(name, self.get_posterior(name))
         return result
 
     @torch.no_grad()
@@ -385,35 +378,6 @@ class SparseSubspaceGuide(AutoGuide):
         index[positions] = new_index.to(index.dtype)
         self.loc(name)[positions] = loc
         self.unconstrained_scale(name)[positions] = unconstrained_scale
-
-    # dense gradients for gradient-based addition ---------------------------------------
-    def _record_tap(self, name, tensor):
-        if tensor.requires_grad:
-            tensor.retain_grad()
-            self._taps[name].append(tensor)
-
-    @contextlib.contextmanager
-    def capture_dense_grads(self, names):
-        """Within this context, dense samples / means of ``names`` keep their gradient.
-
-        After ``backward()``, :meth:`dense_grads` returns ``{site: flat dense gradient}``.
-        """
-        self._taps = {n: [] for n in names}
-        try:
-            yield self
-        finally:
-            self._captured, self._taps = self._taps, None
-
-    def dense_grads(self):
-        """Gradients captured by the last :meth:`capture_dense_grads` block (summed over taps)."""
-        out = {}
-        for name, tensors in self._captured.items():
-            numel = self._sites[name].numel
-            grads = [t.grad.reshape(-1, numel).sum(0) for t in tensors if t.grad is not None]
-            if grads:
-                out[name] = sum(grads)
-        self._captured = {}
-        return out
 
     # checkpoints -----------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict=True, assign=False):

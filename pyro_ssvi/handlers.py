@@ -1,12 +1,19 @@
 """Effect handlers (poutine messengers) used by SSVI.
 
 * :class:`SubspacePriorMessenger` (``subspace_prior``): restricts the model's
-  priors on a guide's sparse sites to the active coordinates (SPEC section 2), so
-  a Monte Carlo ELBO estimates ``E log p(D|theta) - KL(q || p_S)``.
+  priors on a guide's sparse sites to the active coordinates, so a Monte Carlo
+  ELBO estimates the subspace ELBO ``E log p(D|theta) - KL(q || p_S)`` (Li, Miao,
+  Qiu, Zhang, ICLR 2024, arXiv 2402.11025).
+* :class:`DataGradientMessenger`: records the gradient of the loss along the
+  model's use of chosen latent sites, i.e. of the data term alone, which is what
+  gradient-based addition ranks candidates by.
 * :class:`KLScaleMessenger`: weights the KL term (latent sites) of an ELBO.
 """
 
+import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 
 from .distributions import SubspacePrior
 
@@ -41,6 +48,79 @@ class SubspacePriorMessenger(Messenger):
 def subspace_prior(fn, guide):
     """Functional form of :class:`SubspacePriorMessenger`: ``fn`` with its sparse priors restricted."""
     return SubspacePriorMessenger(guide)(fn)
+
+
+class DataGradientMessenger(Messenger):
+    r"""Record :math:`\partial \mathcal L / \partial \theta` along the model's use of the sites ``names``.
+
+    A latent site's sample :math:`\theta` enters an ELBO three times: through the model's
+    computation (the data term :math:`\log p(D \mid \theta)`), and, for Monte Carlo
+    ELBOs, through :math:`\log p(\theta)` and :math:`-\log q(\theta)`. Only the first
+    says which *inactive* weight would help the fit; the other two add about
+    :math:`\epsilon / \sigma` at active entries (Li et al., ICLR 2024, arXiv 2402.11025,
+    gradient-based addition). This handler hands the model
+    :math:`\theta + \delta` with a zero probe :math:`\delta` that requires grad, *after*
+    the ELBO's trace has recorded :math:`\theta`, so after ``backward()``
+
+    .. math:: \delta.\mathrm{grad} = \frac{\partial \mathcal L}{\partial \theta}\Big|_{\text{model's use}}
+
+    whatever the ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceGraph_ELBO``,
+    ``RenyiELBO``...) and prior. Values are unchanged (``theta + 0``). Under
+    :class:`~pyro_ssvi.LocalReparameterizationMessenger` the probe shifts the mean
+    path, so the gradient is :math:`\partial \mathcal L / \partial \mu` of the dense mean.
+
+    Apply it to the *model*, so it sits below the ELBO's trace::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(x):
+        ...     w = pyro.sample("w", dist.Normal(0., 1.).expand([3]).to_event(1))
+        ...     pyro.sample("y", dist.Normal((x * w).sum(-1), 1.), obs=torch.tensor(1.))
+        >>> def guide(x):
+        ...     loc = pyro.param("loc", torch.zeros(3))
+        ...     pyro.sample("w", dist.Normal(loc, 0.1).to_event(1))
+        >>> probe = DataGradientMessenger(["w"])
+        >>> pyro.infer.Trace_ELBO().differentiable_loss(probe(model), guide, torch.ones(3)).backward()
+        >>> probe.grads()["w"].shape
+        torch.Size([3])
+
+    :param names: latent site names to probe.
+    """
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = frozenset(names)
+        self._probes = []
+
+    def _pyro_post_sample(self, msg):
+        if msg["is_observed"] or msg["name"] not in self.names:
+            return
+        value = msg["value"]
+        if not (torch.is_tensor(value) and value.requires_grad):
+            return
+        stack = _PYRO_STACK
+        if not any(isinstance(f, TraceMessenger) for f in stack[: stack.index(self)]):
+            raise RuntimeError(
+                f"DataGradientMessenger: site {msg['name']!r} is not traced outside this handler; apply "
+                "the handler to the model (probe(model)) and run the ELBO on it"
+            )
+        if any(isinstance(f, TraceMessenger) for f in stack[stack.index(self) + 1 :]):
+            raise RuntimeError(
+                f"DataGradientMessenger: site {msg['name']!r} is traced inside this handler, so the probe "
+                "would reach log p and log q too; apply the handler to the model, not around the ELBO"
+            )
+        probe = torch.zeros(value.shape, dtype=value.dtype, device=value.device, requires_grad=True)
+        msg["value"] = value + probe
+        self._probes.append((msg["name"], probe, msg["fn"].event_shape.numel()))
+
+    def grads(self):
+        """``{site: flat dense gradient}`` summed over every pass (particle) since the last call."""
+        out = {}
+        for name, probe, numel in self._probes:
+            if probe.grad is not None:
+                g = probe.grad.reshape(-1, numel).sum(0)
+                out[name] = out[name] + g if name in out else g
+        self._probes = []
+        return out
 
 
 class KLScaleMessenger(Messenger):

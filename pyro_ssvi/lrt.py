@@ -1,4 +1,4 @@
-r"""Local reparameterisation (SPEC section 4) as a Pyro effect handler.
+r"""Local reparameterisation (Kingma et al. 2015; Li et al., ICLR 2024) as a Pyro effect handler.
 
 For a layer linear in its weight, ``y = f(x, W)`` (``F.linear``, ``F.conv1d/2d/3d``),
 with independent Gaussian weights ``W_ij ~ N(mu_ij, sigma_ij^2)``, the
@@ -39,7 +39,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from pyro.poutine.condition_messenger import ConditionMessenger
-from pyro.poutine.messenger import Messenger
+from pyro.poutine.reentrant_messenger import ReentrantMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import Independent, Normal
@@ -69,14 +69,25 @@ _METADATA = {
     torch.Tensor.numel,
     torch.Tensor.__len__,
     torch.Tensor.is_floating_point,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
 }
 
 
-class _Entry:
-    __slots__ = ("tensor", "name", "fn")
+#: additions ``sample + shift`` keep a Gaussian weight Gaussian: N(mu + shift, sigma^2)
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 
-    def __init__(self, tensor, name, fn):
-        self.tensor, self.name, self.fn = tensor, name, fn
+
+class _Entry:
+    """A registered Gaussian weight sample, or a shifted copy of one (``root`` counts its uses)."""
+
+    __slots__ = ("tensor", "name", "fn", "shift", "root", "uses")
+
+    def __init__(self, tensor, name, fn, shift=None, root=None):
+        self.tensor, self.name, self.fn, self.shift = tensor, name, fn, shift
+        self.root = self if root is None else root
+        self.uses = 0
 
 
 def _gaussian(fn):
@@ -116,22 +127,51 @@ class _Mode(TorchFunctionMode):
                 call.update(kwargs)
                 entry = owner._lookup(call.get("weight"))
                 if entry is not None and owner._lookup(call.get("input")) is None:
-                    status = owner.eligible.get(entry.name)
-                    if status is True:
-                        return owner._lrt(func, call, entry)
-                    if status is None:
-                        owner._good.add(entry.name)
-                    return func(*args, **kwargs)
+                    return owner._linear(func, call, entry, args, kwargs)
+            elif func in _ADD and not kwargs and len(args) == 2:
+                out = owner._shifted(func, *args)
+                if out is not None:
+                    return out
             if func not in _METADATA:
                 hits = _registered_args(owner._lookup, args, kwargs)
                 if hits and _in_model():
+                    fname = getattr(func, "__name__", repr(func))
                     for entry in hits:
-                        owner._mark_bad(entry.name, func)
+                        owner._mark_bad(entry.name, f"feeds {fname}, not only the weight of F.linear / F.conv1d/2d/3d")
         return func(*args, **kwargs)
 
 
-class LocalReparameterizationMessenger(Messenger):
-    """Sample pre-activations of linear/conv layers with Gaussian weights (local reparameterisation).
+class LocalReparameterizationMessenger(ReentrantMessenger):
+    r"""Sample pre-activations of linear/conv layers with Gaussian weights (local reparameterisation).
+
+    .. math:: y = f(x, \mu) + \sqrt{f(x^2, \sigma^2) + \epsilon}\;\xi, \qquad \xi \sim \mathcal N(0, I)
+
+    (Kingma, Salimans, Welling 2015; used by default in Li, Miao, Qiu, Zhang, ICLR 2024,
+    arXiv 2402.11025). A weight sample shifted by a tensor, ``w + delta``, is Gaussian too,
+    ``N(mu + delta, sigma^2)``, and is handled as such (this is how
+    :class:`~pyro_ssvi.handlers.DataGradientMessenger`'s probe reaches the mean path).
+
+    A site falls back to weight sampling, with a ``RuntimeWarning`` naming it, when its
+    sample feeds anything but the ``weight`` of ``F.linear`` / ``F.conv1d/2d/3d``, or when
+    one sample is the weight of more than one call in a model pass (a reused or tied
+    weight, ``fc(fc(x))``): independent noise per call would be wrong there. Misuse is
+    detected on a site's first pass, which is always a weight-sampling pass.
+
+    The handler is re-entrant, like Pyro's ``ReentrantMessenger``: entering an instance
+    that is already active only counts the depth; the outermost exit ends the pass.
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.nn import PyroModule, PyroSample
+        >>> from pyro_ssvi import SparseSubspaceGuide
+        >>> net = PyroModule[torch.nn.Linear](4, 2)
+        >>> net.weight = PyroSample(dist.Normal(0., 1.).expand([2, 4]).to_event(2))
+        >>> guide = SparseSubspaceGuide(net, density=0.5)
+        >>> lrt = LocalReparameterizationMessenger()
+        >>> for _ in range(2):  # the first pass checks how the sample is used
+        ...     with lrt:
+        ...         loss = pyro.infer.Trace_ELBO().differentiable_loss(net, guide, torch.randn(3, 4))
+        >>> lrt.eligible
+        {'weight': True}
 
     :param float eps: added to the output variance before the square root (1e-8).
 
@@ -147,7 +187,6 @@ class LocalReparameterizationMessenger(Messenger):
         self._by_name = {}
         self._good, self._bad = set(), {}
         self._mode = None
-        self._depth = 0
         self._model_scoped = False
 
     # registry -------------------------------------------------------------------
@@ -165,16 +204,42 @@ class LocalReparameterizationMessenger(Messenger):
         self._by_id[id(tensor)] = entry
         self._by_name[name] = entry
 
-    def _mark_bad(self, name, func):
-        if self.eligible.get(name) is True:
-            self._warn(name, func)
-        self._bad.setdefault(name, func)
+    def _shifted(self, func, a, b):
+        """``a + b`` with exactly one registered operand and a same-shaped tensor: a shifted entry."""
+        ea, eb = self._lookup(a), self._lookup(b)
+        if (ea is None) == (eb is None):
+            return None
+        entry, other = (ea, b) if ea is not None else (eb, a)
+        if not torch.is_tensor(other) or other.shape != entry.tensor.shape:
+            return None
+        out = func(a, b)
+        shift = other if entry.shift is None else entry.shift + other
+        self._by_id[id(out)] = _Entry(out, entry.name, entry.fn, shift, entry.root)
+        return out
 
-    def _warn(self, name, func):
-        fname = getattr(func, "__name__", repr(func))
+    def _linear(self, func, call, entry, args, kwargs):
+        """A call whose ``weight`` is a registered sample: local reparameterisation or weight sampling."""
+        root = entry.root
+        root.uses += 1
+        if root.uses > 1:
+            self._mark_bad(entry.name, f"is the weight of more than one {func.__name__} call in one model pass "
+                           "(a reused or tied weight)")
+            return func(*args, **kwargs)
+        status = self.eligible.get(entry.name)
+        if status is True:
+            return self._lrt(func, call, entry)
+        if status is None:
+            self._good.add(entry.name)
+        return func(*args, **kwargs)
+
+    def _mark_bad(self, name, reason):
+        if self.eligible.get(name) is True:
+            self._warn(name, reason)
+        self._bad.setdefault(name, reason)
+
+    def _warn(self, name, reason):
         warnings.warn(
-            f"local reparameterisation: site {name!r} feeds {fname}, not only the weight of "
-            "F.linear / F.conv1d/2d/3d; falling back to weight sampling for this site",
+            f"local reparameterisation: site {name!r} {reason}; falling back to weight sampling for this site",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -198,27 +263,35 @@ class LocalReparameterizationMessenger(Messenger):
         return scoped
 
     def __enter__(self):
-        if self._depth == 0 and not self._model_scoped:
-            self._mode = _Mode(self)
-            self._mode.__enter__()
-        self._depth += 1
-        return super().__enter__()
+        if self._ref_count > 0:
+            return super().__enter__()
+        mode = None if self._model_scoped else _Mode(self)
+        if mode is not None:
+            mode.__enter__()
+        try:
+            super().__enter__()
+        except BaseException:
+            self._ref_count = 0
+            if mode is not None:
+                mode.__exit__(None, None, None)
+            raise
+        self._mode = mode
+        return self
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
             return super().__exit__(exc_type, exc_value, traceback)
         finally:
-            self._depth -= 1
-            if self._depth == 0:
+            if self._ref_count == 0:
                 if self._mode is not None:
-                    self._mode.__exit__(exc_type, exc_value, traceback)
-                    self._mode = None
+                    mode, self._mode = self._mode, None
+                    mode.__exit__(exc_type, exc_value, traceback)
                 self._finish_pass()
 
     def _finish_pass(self):
-        for name, func in self._bad.items():
+        for name, reason in self._bad.items():
             if self.eligible.get(name) is None:
-                self._warn(name, func)
+                self._warn(name, reason)
         for name in self._good - set(self._bad):
             if self.eligible.get(name) is None:
                 self.eligible[name] = True
@@ -246,11 +319,16 @@ class LocalReparameterizationMessenger(Messenger):
 
     # the computation ------------------------------------------------------------
     def _moments(self, entry, weight):
+        """Dense mean (plus the entry's shift) and variance of the weight, weight-sized."""
         fn = entry.fn
         if isinstance(fn, SparseNormal):
-            return fn.dense_loc(), fn.scatter(fn.scale**2)
-        base = _gaussian(fn)
-        return base.loc.expand_as(weight), (base.scale**2).expand_as(weight)
+            mean, var = fn.scatter(fn.loc), fn.scatter(fn.scale**2)
+        else:
+            base = _gaussian(fn)
+            mean, var = base.loc.expand_as(weight), (base.scale**2).expand_as(weight)
+        if entry.shift is not None:
+            mean = mean + entry.shift
+        return mean, var
 
     def _lrt(self, func, call, entry):
         weight, x = call["weight"], call["input"]

@@ -1,4 +1,4 @@
-"""``SSVI``: stochastic variational inference with subspace updates (SPEC section 3).
+"""``SSVI``: stochastic variational inference with subspace updates (Li, Miao, Qiu, Zhang, ICLR 2024, arXiv 2402.11025).
 
 A drop-in for :class:`pyro.infer.SVI`::
 
@@ -11,7 +11,11 @@ A drop-in for :class:`pyro.infer.SVI`::
 
 Unlike the reference code, the gradient step of an update iteration is *taken*;
 its backward pass also provides the dense gradient that ``addition="gradient"``
-ranks candidates by (a dense gradient is only kept on update iterations).
+ranks candidates by: the gradient of the data term alone,
+:math:`\partial\, \mathbb E_q[-\log p(D_B \mid \theta)] / \partial \theta`, recorded by
+:class:`~pyro_ssvi.DataGradientMessenger` along the model's use of each sample, so
+Monte Carlo prior and entropy terms (``Trace_ELBO``, non-Normal priors) never enter
+the ranking. It is only kept on update iterations.
 """
 
 import contextlib
@@ -27,7 +31,7 @@ from pyro.optim.optim import is_scheduler
 
 from .criteria import get_addition, get_removal, needs_gradient
 from .guide import SparseSubspaceGuide, inverse_scale_transform
-from .handlers import SubspacePriorMessenger
+from .handlers import DataGradientMessenger, SubspacePriorMessenger
 from .schedule import SwapSchedule
 from .subspace import select_swap
 
@@ -142,20 +146,23 @@ class SSVI:
             raise ValueError(f"dense_grad_hook: expected a callable (site, grad) -> grad, got {dense_grad_hook!r}")
         self.dense_grad_hook = dense_grad_hook
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
-        self._model = SubspacePriorMessenger(guide)(model)
+        self._prior_model = SubspacePriorMessenger(guide)(model)
         self.local_reparameterization = bool(local_reparameterization)
         self._lrt = None
         if self.local_reparameterization:
             from .lrt import LocalReparameterizationMessenger
 
             self._lrt = LocalReparameterizationMessenger()
-            self._model = self._lrt.scope_to(self._model)
+        self._model = self._wrap(self._prior_model)
         self.history = []
 
     @property
     def step_count(self):
         """Steps taken so far (stored in the guide's ``ssvi_step`` buffer, so it is checkpointed)."""
         return int(self.guide.ssvi_step)
+
+    def _wrap(self, model):
+        return self._lrt.scope_to(model) if self._lrt is not None else model
 
     def _context(self):
         return self._lrt if self._lrt is not None else contextlib.nullcontext()
@@ -167,12 +174,13 @@ class SSVI:
             self.guide.setup(*args, **kwargs)
         sparse = self.guide.sparse_site_names()
         update = bool(sparse) and self.schedule.is_update_step(t)
-        capture = update and needs_gradient(self.addition)
-        taps = self.guide.capture_dense_grads(sparse) if capture else contextlib.nullcontext()
-        with taps, self._context(), self._guard(t):
+        # on update steps the model is handed probed samples: the probes' gradient is the data term's
+        capture = DataGradientMessenger(sparse) if update and needs_gradient(self.addition) else None
+        model = self._wrap(capture(self._prior_model)) if capture is not None else self._model
+        with self._context(), self._guard(t):
             if isinstance(self.optim, PyroOptim):
                 with poutine.trace(param_only=True) as param_capture:
-                    loss = self.loss.loss_and_grads(self._model, self.guide, *args, **kwargs)
+                    loss = self.loss.loss_and_grads(model, self.guide, *args, **kwargs)
                 params = set(site["value"].unconstrained() for site in param_capture.trace.nodes.values())
                 try:
                     self._check_finite(loss, t)
@@ -183,13 +191,13 @@ class SSVI:
                 zero_grads(params)
             else:
                 self.optim.zero_grad()
-                loss_t = self.loss.differentiable_loss(self._model, self.guide, *args, **kwargs)
+                loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
                 loss = loss_t.detach().item()
                 self._check_finite(loss, t)
                 loss_t.backward()
                 self.optim.step()
         if update:
-            self._update(t, self.guide.dense_grads() if capture else {})
+            self._update(t, capture.grads() if capture is not None else {})
         self.guide.ssvi_step.add_(1)
         return loss
 
@@ -239,10 +247,11 @@ class SSVI:
     @torch.no_grad()
     def _update(self, t, grads):
         guide = self.guide
-        record = {"step": t, "fraction": self.schedule.fraction(t), "swapped": {}, "abs_mean_overlap": {}}
+        record = {"step": t, "fraction": self.schedule.fraction(t), "scheduled": {}, "swapped": {}, "abs_mean_overlap": {}}
         for name in guide.sparse_site_names():
             info = guide.site_info(name)
             n = self.schedule.num_swaps(info.k, t)
+            record["scheduled"][name] = n
             record["swapped"][name] = 0
             if n == 0:
                 continue
@@ -270,6 +279,17 @@ class SSVI:
             record["swapped"][name] = int(decision.positions.numel())
             record["abs_mean_overlap"][name] = overlap
         self.history.append(record)
+
+    def replaced_fraction(self):
+        """Entries that actually changed over entries scheduled to swap, over all updates so far.
+
+        An entry removed and re-added in the same update is scheduled but not replaced; a
+        value near 0 means the addition criterion keeps choosing what removal just took out.
+        Returns ``nan`` before the first update that schedules a swap.
+        """
+        scheduled = sum(sum(h.get("scheduled", {}).values()) for h in self.history)
+        swapped = sum(sum(h["swapped"].values()) for h in self.history)
+        return swapped / scheduled if scheduled else float("nan")
 
     def state_dict(self):
         """SSVI's own state: the update history and which sites use local reparameterisation.

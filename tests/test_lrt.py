@@ -10,6 +10,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 
 from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
+from pyro_ssvi.lrt import _Entry
 
 
 def gaussian_init(site):
@@ -198,7 +199,7 @@ def test_sparse_moments_are_weight_sized():
     guide(x)
     fn = guide.get_posterior("conv.weight")
     handler = LocalReparameterizationMessenger()
-    mean_w, var_w = handler._moments(type("E", (), {"fn": fn})(), torch.empty(3, 2, 3, 3))
+    mean_w, var_w = handler._moments(_Entry(None, "conv.weight", fn), torch.empty(3, 2, 3, 3))
     assert mean_w.shape == var_w.shape == (3, 2, 3, 3)
     assert (var_w[~guide.active_mask("conv.weight")] == 0).all()
 
@@ -236,3 +237,71 @@ def test_scope_to_intercepts_inside_the_model_only():
     # the last pass used LRT: the output is not F.linear of the sampled weight
     w = tr.nodes["fc.weight"]["value"]
     assert not torch.allclose(out, F.linear(x, w, model.fc.bias))
+
+
+class ReusedNet(PyroModule):
+    """One weight sample applied twice in one pass: y = w (w x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = PyroModule[torch.nn.Linear](1, 1, bias=False)
+        self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 1]).to_event(2))
+
+    def forward(self, x):
+        return self.fc(self.fc(x))
+
+
+def test_a_reused_weight_falls_back_to_weight_sampling():
+    model = ReusedNet()
+    x = torch.ones(1, 1)
+    guide = SparseSubspaceGuide(model, density=1.0, init_loc_fn=lambda s: torch.full((1, 1), 0.5), init_scale=1.0)
+    guide(x)
+    handler = LocalReparameterizationMessenger()
+    n = 4000
+    ys = []
+    with pytest.warns(RuntimeWarning, match="site 'fc.weight' is the weight of more than one linear call"):
+        with torch.no_grad():
+            for _ in range(n):
+                with handler:
+                    tr = pyro.poutine.trace(guide).get_trace(x)
+                    ys.append(pyro.poutine.replay(model, tr)(x))
+    assert handler.eligible == {"fc.weight": False}
+    ys = torch.cat(ys).reshape(-1)
+    # weight sampling: E[w^2] = mu^2 + sigma^2 = 1.25 (per-call LRT noise would give mu^2 = 0.25);
+    # Var(w^2) = 4 mu^2 sigma^2 + 2 sigma^4 = 3, so 5 SE = 5 sqrt(3 / n)
+    assert abs(ys.mean().item() - 1.25) < 5 * math.sqrt(3.0 / n)
+
+
+def test_handler_is_reentrant_and_a_failed_enter_leaves_nothing_installed(monkeypatch):
+    from pyro.poutine.messenger import Messenger
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    x = torch.randn(4, 6)
+    model = LinearNet(True)
+    guide = SparseSubspaceGuide(model, density=0.5, init_loc_fn=gaussian_init, init_scale=0.5)
+    guide(x)
+    handler = LocalReparameterizationMessenger()
+    modes = torch.overrides._get_current_function_mode_stack
+    for _ in range(2):
+        with handler:
+            with handler:  # entered twice: one frame, one mode
+                assert _PYRO_STACK.count(handler) == 1 and len(modes()) == 1
+                tr = pyro.poutine.trace(guide).get_trace(x)
+                out = pyro.poutine.replay(model, tr)(x)
+            assert handler in _PYRO_STACK and len(modes()) == 1
+        assert handler not in _PYRO_STACK and modes() == []
+    assert handler.eligible == {"fc.weight": True}
+    assert not torch.allclose(out, F.linear(x, tr.nodes["fc.weight"]["value"], model.fc.bias))
+
+    def refuse(self):
+        raise RuntimeError("no room on the stack")
+
+    monkeypatch.setattr(Messenger, "__enter__", refuse)
+    with pytest.raises(RuntimeError, match="no room"):
+        with handler:
+            pass
+    assert handler not in _PYRO_STACK and modes() == [] and handler._ref_count == 0
+    monkeypatch.undo()
+    with handler:  # usable again
+        assert _PYRO_STACK.count(handler) == 1
+    assert modes() == []
