@@ -1,4 +1,4 @@
-"""SSVI on CIFAR-10/100 with a Bayesian ResNet-18: the reference recipe (SPEC section 5).
+"""SSVI on CIFAR-10/100 with a Bayesian ResNet-18: the reference recipe of Li, Miao, Qiu, Zhang (ICLR 2024).
 
 Full recipe on a GPU (CIFAR-10 at density 0.1, 200 epochs)::
 
@@ -13,8 +13,9 @@ Defaults are the recipe: batch 128, SGD momentum 0.9, lr 0.01 on the means (weig
 N(0, 0.005^2), KL weight ``kl_scale = 0.01`` warmed up linearly over the first half of the
 steps (``--kl-scale 1`` is the true ELBO), update_every 100, removal_fraction 0.3,
 stop_updates_at 0.75, removal ``snr_abs``, addition ``gradient``, local reparameterisation,
-random crop (pad 4) and horizontal flip. A validation split of the training set is
-monitored each epoch; the test set is evaluated once, at the end.
+random crop (pad 4) and horizontal flip, training on all training images. ``--val-fraction F``
+holds out a validation split that is monitored each epoch; the test set is evaluated once, at
+the end, and never picks a checkpoint.
 """
 
 import json
@@ -143,6 +144,41 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+#: flags that fix the model, the data or the schedule: a checkpoint only resumes a run that agrees on them
+RUN_FLAGS = (
+    "dataset", "width", "density", "subset", "val_fraction", "num_synthetic", "seed", "prior_scale",
+    "epochs", "batch_size", "update_every", "removal_fraction", "stop_updates_at", "removal", "addition", "no_lrt",
+)
+CHECKPOINT_KEYS = ("model", "guide", "optimizer", "scheduler", "ssvi", "rng", "epoch", "seconds", "log", "args")
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def load_checkpoint(path, args, device):
+    """Read a checkpoint written by this script and check it belongs to a run with the same flags.
+
+    Raises :class:`UsageError` naming the file, and the first flag that differs, for an
+    unreadable, foreign or mismatching checkpoint.
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch.load raises many types for a corrupt file
+        raise UsageError(f"--checkpoint {path}: not a readable checkpoint ({_first_line(e)})") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS) or not isinstance(ckpt["args"], dict):
+        raise UsageError(f"--checkpoint {path}: not a checkpoint of examples/cifar_resnet.py (keys missing)")
+    saved, current = ckpt["args"], vars(args)
+    for flag in RUN_FLAGS:
+        if saved.get(flag) != current[flag]:
+            raise UsageError(
+                f"--checkpoint {path}: written with --{flag.replace('_', '-')} {saved.get(flag)}, this run has "
+                f"{current[flag]}; use the same flag or another --checkpoint"
+            )
+    return ckpt
+
+
 # evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
@@ -171,7 +207,7 @@ def parse_args(argv):
     a("--batch-size", type=int, default=128)
     a("--density", type=float, default=0.1, help="fraction of active weights per sparse layer; 1.0 = dense VI")
     a("--subset", type=int, default=None, help="use only the first N training images (CPU runs)")
-    a("--val-fraction", type=float, default=0.1, help="fraction of the training images held out for validation")
+    a("--val-fraction", type=float, default=0.0, help="fraction of the training images held out and evaluated each epoch (0: train on all, as the recipe)")
     a("--width", type=int, default=64, help="ResNet-18 base width (64 = the standard network)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--seed", type=int, default=0)
@@ -213,8 +249,8 @@ def parse_args(argv):
         p.error("--bn-batches: expected >= 0")
     if args.mc_samples < 0:
         p.error("--mc-samples: expected >= 0")
-    if not 0 < args.val_fraction < 1:
-        p.error(f"--val-fraction: expected a value in (0, 1), got {args.val_fraction}")
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val-fraction: expected a value in [0, 1), got {args.val_fraction}")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint PATH")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -226,6 +262,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    # read and check a checkpoint before any data is loaded: a foreign one fails fast
+    ckpt = load_checkpoint(args.checkpoint, args, device) if args.resume and os.path.exists(args.checkpoint) else None
     pyro.set_rng_seed(args.seed)
     if args.dataset == "synthetic":
         (xtr, ytr), (xte, yte) = synthetic_cifar(args.num_synthetic, max(64, args.num_synthetic // 2), seed=args.seed)
@@ -235,8 +273,8 @@ def main(argv=None):
         mean, std = MEAN[args.dataset], STD[args.dataset]
     if args.subset is not None:
         xtr, ytr = xtr[: args.subset], ytr[: args.subset]
-    n_val = max(1, int(round(args.val_fraction * len(xtr))))
-    xtr, ytr, xval, yval = xtr[:-n_val], ytr[:-n_val], xtr[-n_val:], ytr[-n_val:]
+    n_val = max(1, int(round(args.val_fraction * len(xtr)))) if args.val_fraction > 0 else 0
+    xtr, ytr, xval, yval = xtr[: len(xtr) - n_val], ytr[: len(ytr) - n_val], xtr[len(xtr) - n_val :], ytr[len(ytr) - n_val :]
     n_train = len(xtr)
     xtr, ytr = xtr.to(device), ytr.to(device)
 
@@ -276,14 +314,16 @@ def main(argv=None):
             local_reparameterization=not args.no_lrt,
         )
         start_epoch, elapsed, epochs_log = 0, 0.0, []
-        if args.resume and os.path.exists(args.checkpoint):
-            ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            guide.load_state_dict(ckpt["guide"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            svi.load_state_dict(ckpt["ssvi"])
-            set_rng_state(ckpt["rng"])
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+                guide.load_state_dict(ckpt["guide"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                svi.load_state_dict(ckpt["ssvi"])
+                set_rng_state(ckpt["rng"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"--checkpoint {args.checkpoint}: does not fit this run ({_first_line(e)})") from e
             start_epoch, elapsed, epochs_log = ckpt["epoch"] + 1, ckpt["seconds"], ckpt["log"]
             print(f"resumed from {args.checkpoint} after epoch {ckpt['epoch'] + 1}")
 
@@ -317,23 +357,19 @@ def main(argv=None):
                 correct += (logits_seen["logits"].argmax(-1) == yb).sum().item()
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / seen:.3f}", density=f"{density:.3f}")
             scheduler.step()
-            recalibrate()
-            val = evaluate(model, guide, xval, yval, prep, 0, 512)["posterior_mean"]
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "train_accuracy": correct / seen}
+            val_text = ""
+            if n_val:
+                recalibrate()
+                val = evaluate(model, guide, xval, yval, prep, 0, 512)["posterior_mean"]
+                row.update(val_accuracy=val["accuracy"], val_nll=val["nll"])
+                val_text = f"val acc {row['val_accuracy']:.4f}  val NLL {row['val_nll']:.4f}  "
             elapsed += time.perf_counter() - t0
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / steps_per_epoch,
-                "train_accuracy": correct / seen,
-                "val_accuracy": val["accuracy"],
-                "val_nll": val["nll"],
-                "lr": scheduler.get_last_lr()[0],
-                "seconds": time.perf_counter() - t0,
-            }
+            row.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
             epochs_log.append(row)
             print(
                 f"epoch {row['epoch']:>3}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
-                f"val acc {row['val_accuracy']:.4f}  val NLL {row['val_nll']:.4f}  density {density:.4f}  "
-                f"lr {row['lr']:.5f}  {row['seconds']:.1f}s"
+                f"{val_text}density {density:.4f}  lr {row['lr']:.5f}  {row['seconds']:.1f}s"
             )
             if args.checkpoint:
                 save_atomic(
@@ -372,6 +408,8 @@ def main(argv=None):
         "dense_guide_bytes": dense_guide_bytes(guide, optimizer),
         "train_flops_per_step": flops["train_flops_per_step"],
         "dense_vi_train_flops_per_step": flops["dense_vi_train_flops_per_step"],
+        "train_images": n_train,
+        "val_images": n_val,
         "epochs": args.epochs,
         "seconds": elapsed,
         "updates": len(svi.history),

@@ -23,8 +23,11 @@ from pyro_ssvi.metrics import classification_report, mc_predict
 
 
 class MLP(PyroModule):
-    def __init__(self, hidden=100, prior_scale=1.0):
+    """64-100-10 BNN. ``num_data``: training-set size, so a minibatch's likelihood is scaled to it."""
+
+    def __init__(self, hidden=100, prior_scale=1.0, num_data=None):
         super().__init__()
+        self.num_data = num_data
         self.fc1 = PyroModule[torch.nn.Linear](64, hidden)
         self.fc1.weight = PyroSample(dist.Normal(0.0, prior_scale).expand([hidden, 64]).to_event(2))
         self.fc2 = PyroModule[torch.nn.Linear](hidden, 10)
@@ -32,7 +35,9 @@ class MLP(PyroModule):
 
     def forward(self, x, y=None):
         logits = self.fc2(torch.relu(self.fc1(x)))
-        with pyro.plate("data", x.shape[0]):
+        # a subsampled plate scales the likelihood (only) by num_data / batch; the KL is counted once
+        size = self.num_data or x.shape[0]
+        with pyro.plate("data", size, subsample=torch.arange(x.shape[0])):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
 
@@ -50,11 +55,14 @@ def load_digits_split(seed=0, test_fraction=0.2):
     return X[train], y[train], X[test], y[test]
 
 
-def fit(density, data, steps, lr, hidden, seed, batch_size, progress=True, **ssvi_kwargs):
+def fit(density, data, steps, lr, hidden, seed, batch_size=None, progress=True, **ssvi_kwargs):
+    """Train one model; ``batch_size=None`` (or >= the training-set size) is full batch."""
     Xtr, ytr, Xte, yte = data
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = MLP(hidden)
+    n = len(Xtr)
+    full = batch_size is None or batch_size >= n
+    model = MLP(hidden, num_data=n)
     guide = SparseSubspaceGuide(model, density=density)
     optim = pyro.optim.Adam({"lr": lr})
     svi = SSVI(model, guide, optim, pyro.infer.TraceMeanField_ELBO(), total_steps=steps, **ssvi_kwargs)
@@ -62,12 +70,9 @@ def fit(density, data, steps, lr, hidden, seed, batch_size, progress=True, **ssv
 
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"density {density:g}", disable=not progress, leave=False)
-    n = len(Xtr)
     for step in bar:
-        idx = torch.randint(0, n, (batch_size,)) if batch_size < n else slice(None)
-        # scale the minibatch likelihood to the full data set
-        with pyro.poutine.scale(scale=n / (batch_size if batch_size < n else n)):
-            loss = svi.step(Xtr[idx], ytr[idx])
+        idx = slice(None) if full else torch.randperm(n)[:batch_size]
+        loss = svi.step(Xtr[idx], ytr[idx])
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss:.1f}")
     seconds = time.perf_counter() - start
@@ -103,7 +108,7 @@ def parse_args(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--densities", default="0.1,1.0", help="comma-separated densities (1.0 = dense VI)")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=1437, help="minibatch size (default: full batch)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch, every training image each step)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--mc-samples", type=int, default=20)
@@ -119,7 +124,7 @@ def parse_args(argv):
     if not all(0 < d <= 1 for d in args.densities):
         p.error(f"--densities: every density must lie in (0, 1], got {args.densities}")
     for name in ("steps", "batch_size", "hidden", "mc_samples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer")
     return args
 

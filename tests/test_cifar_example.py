@@ -175,3 +175,52 @@ def test_augment_is_a_crop_and_flip(cifar):
         ref = ref.flip(-1) if flip[k] else ref
         assert torch.equal(out[k], ref)
     assert out.shape == x.shape
+
+
+def test_recipe_trains_on_every_image_and_a_split_only_when_asked(cifar):
+    base = ["--dataset", "synthetic", "--num-synthetic", "64"] + SMALL
+    full = cifar.main(base)
+    assert full["train_images"] == 64 and full["val_images"] == 0
+    assert "val_accuracy" not in full["epoch_log"][0]
+    split = cifar.main(base + ["--val-fraction", "0.25"])
+    assert split["train_images"] == 48 and split["val_images"] == 16
+    assert 0 <= split["epoch_log"][0]["val_accuracy"] <= 1
+
+
+RESUME = ["--dataset", "synthetic", "--num-synthetic", "32", "--epochs", "2", "--width", "4", "--batch-size", "16",
+          "--mc-samples", "1", "--no-progress", "--bn-batches", "0"]
+
+
+@pytest.fixture(scope="module")
+def written_checkpoint(tmp_path_factory, cifar):
+    path = tmp_path_factory.mktemp("ckpt") / "run.pt"
+    cifar.main(RESUME[:5] + ["1"] + RESUME[6:] + ["--checkpoint", str(path)])  # one epoch of a 1-epoch run
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, flag",
+    [(["--width", "8"], "--width"), (["--density", "0.2"], "--density"), (["--epochs", "3"], "--epochs"),
+     (["--dataset", "cifar10"], "--dataset")],
+)
+def test_resume_from_a_checkpoint_of_another_run_is_one_line(tmp_path, written_checkpoint, change, flag):
+    args = RESUME[:5] + ["1"] + RESUME[6:] + ["--checkpoint", str(written_checkpoint), "--resume"]
+    i = args.index(change[0]) if change[0] in args else None
+    args = args[:i] + change + args[i + 2 :] if i is not None else args + change
+    res = run_cli(*args, "--data-dir", str(tmp_path))
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1 and str(written_checkpoint) in lines[0] and flag in lines[0], lines
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", None], ids=["corrupt", "foreign"])
+def test_resume_from_a_corrupt_or_foreign_file_is_one_line(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    res = run_cli(*RESUME, "--checkpoint", str(path), "--resume")
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1 and str(path) in lines[0]

@@ -62,3 +62,42 @@ def test_main_job_bad_flag_is_one_line():
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "--densities" in res.stderr
+
+
+def _digits_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_main_job_weights_the_kl_once_and_scales_only_the_likelihood():
+    import pyro
+
+    mod = _digits_example()
+    model = mod.MLP(num_data=1438)
+    x, y = torch.rand(128, 64), torch.randint(0, 10, (128,))
+    tr = pyro.poutine.trace(model).get_trace(x, y)
+    assert tr.nodes["obs"]["scale"] == 1438 / 128
+    assert tr.nodes["fc1.weight"]["scale"] == 1.0 and tr.nodes["fc2.weight"]["scale"] == 1.0
+
+
+def test_main_job_full_batch_is_every_training_image_once(monkeypatch):
+    mod = _digits_example()
+    data = mod.load_digits_split(0)
+    seen = []
+
+    class Recording(mod.SSVI):
+        def step(self, x, y):
+            seen.append(x)
+            return super().step(x, y)
+
+    monkeypatch.setattr(mod, "SSVI", Recording)
+    mod.fit(0.1, data, steps=2, lr=1e-2, hidden=10, seed=0, batch_size=None, progress=False)
+    assert len(data[0]) == 1438 and all(x.shape[0] == 1438 for x in seen)
+    assert all(torch.equal(x, data[0]) for x in seen)
+    seen.clear()
+    mod.fit(0.1, data, steps=2, lr=1e-2, hidden=10, seed=0, batch_size=100, progress=False)
+    assert [x.shape[0] for x in seen] == [100, 100]
