@@ -12,7 +12,7 @@ and with local reparameterisation (LRT):
     process; ``torch.cuda.max_memory_allocated`` on a GPU), and its growth over the process
     size before the first step;
   * guide-state bytes: guide parameters + buffers (active indices) + Adam state;
-  * counted training FLOPs per step (SPEC section 7, ``pyro_ssvi.cost.flops_report``).
+  * counted training FLOPs per step (forward + 2x backward, sparse layers scaled by density; ``pyro_ssvi.cost.flops_report``).
 SSVI's update steps (one every ``--update-every``) are timed separately. Writes
 results/cost.{md,json,png}.
 """
@@ -145,7 +145,7 @@ def report(args, runs):
         f"Device: {args.device}. Seconds per step: median of {args.repeats} steps after {args.warmup} warm-up steps "
         f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: peak RSS "
         "of a fresh process per configuration (its growth during training in brackets). Guide bytes: parameters, "
-        "index buffers and Adam state. FLOPs: counted training FLOPs per step (SPEC section 7). Ratios are against "
+        "index buffers and Adam state. FLOPs: counted training FLOPs per step (forward + 2x backward, sparse layers scaled by density). Ratios are against "
         f"AutoNormal with the same sampling, measured in this run; the FLOP count amortises a gradient-based addition over "
         f"{args.flops_update_every} steps (the recipe's update period).\n"
     )

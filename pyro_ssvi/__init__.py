@@ -8,8 +8,9 @@ the last: write a ``PyroModule`` BNN with ``PyroSample`` priors, fit it with
 from . import criteria
 from .distributions import SparseNormal, SubspacePrior
 from .guide import SparseSubspaceGuide, init_to_normal
-from .handlers import SubspacePriorMessenger, subspace_prior
+from .handlers import DataGradientMessenger, KLScaleMessenger, SubspacePriorMessenger, subspace_prior
 from .lrt import LocalReparameterizationMessenger, local_reparameterization
+from .models import BayesianClassifier, bayesianize, cifar_resnet18
 from .schedule import SwapSchedule
 from .subspace import select_swap
 from .svi import SSVI, NonFiniteLossError, reset_optimizer_state
@@ -18,6 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SSVI",
+    "BayesianClassifier",
+    "DataGradientMessenger",
+    "KLScaleMessenger",
+    "bayesianize",
+    "cifar_resnet18",
     "NonFiniteLossError",
     "LocalReparameterizationMessenger",
     "local_reparameterization",

@@ -1,4 +1,4 @@
-r"""Memory and compute accounting for SSVI (SPEC section 7).
+r"""Memory and compute accounting for SSVI (Li et al., ICLR 2024, arXiv 2402.11025).
 
 FLOPs follow the sparse-training convention (RigL): a training step costs the forward
 ``f`` plus a backward of ``2 f``; a sparse layer's ``f`` scales with its density. With local
@@ -105,7 +105,7 @@ def flops_report(model, guide, *args, local_reparameterization=True, update_ever
     """Training and inference FLOPs of SSVI and of dense VI for one call ``model(*args)``.
 
     :returns: dict with ``dense_forward_flops`` (the deterministic network),
-        ``train_flops_per_step`` / ``dense_vi_train_flops_per_step`` (SPEC section 7),
+        ``train_flops_per_step`` / ``dense_vi_train_flops_per_step`` (the formulas above),
         ``inference_flops`` / ``dense_inference_flops`` (one forward with one weight sample),
         and ``per_site`` (dense ``f_l`` and density of each Bayesian layer).
     """

@@ -1,4 +1,4 @@
-r"""Removal and addition scores for subspace updates (SPEC sections 3.1 and 3.2).
+r"""Removal and addition scores for subspace updates (Li, Miao, Qiu, Zhang, ICLR 2024, arXiv 2402.11025).
 
 Every removal score is a pure function ``score(loc, scale) -> Tensor`` of the
 active coordinates' posterior ``Normal(loc, scale^2)``; a **higher score means more
@@ -142,7 +142,13 @@ def get_removal(criterion):
 
 
 class GradientAddition:
-    """Score candidates by ``|d loss / d theta_i|`` of the dense weight (SPEC 3.2)."""
+    r"""Score candidates by the data term's gradient at the dense weight (Li et al., ICLR 2024).
+
+    .. math:: s_i = \left| \frac{\partial}{\partial \theta_i} \, \mathbb E_q[-\log p(D_B \mid \theta)] \right|
+
+    on the update step's minibatch ``D_B``. :class:`~pyro_ssvi.SSVI` supplies the gradient through
+    :class:`~pyro_ssvi.DataGradientMessenger`, so prior and entropy terms never enter it.
+    """
 
     needs_gradient = True
 

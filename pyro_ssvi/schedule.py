@@ -1,4 +1,4 @@
-r"""When to update the subspace and how many entries to swap (SPEC section 3).
+r"""When to update the subspace and how many entries to swap (Li et al., ICLR 2024, arXiv 2402.11025).
 
 A :class:`SwapSchedule` is a pure function of the (1-based) step counter ``t``::
 

@@ -1,4 +1,4 @@
-"""One subspace update of one site, as a pure function of tensors (SPEC section 3).
+"""One subspace update of one site, as a pure function of tensors (Li et al., ICLR 2024, arXiv 2402.11025).
 
 Given a site's active ``index`` (flat positions, length ``k``), its removal scores
 and a way to score candidates for addition, :func:`select_swap` decides
