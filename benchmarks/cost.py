@@ -145,7 +145,7 @@ def report(args, runs):
         f"Device: {args.device}. Seconds per step: median of {args.repeats} steps after {args.warmup} warm-up steps "
         f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: peak RSS "
         "of a fresh process per configuration (its growth during training in brackets). Guide bytes: parameters, "
-        "index buffers and Adam state. FLOPs: counted training FLOPs per step (forward + 2x backward, sparse layers scaled by density). Ratios are against "
+        "index and birth buffers, Adam state. FLOPs: counted training FLOPs per step (forward + 2x backward, sparse layers scaled by density). Ratios are against "
         f"AutoNormal with the same sampling, measured in this run; the FLOP count amortises a gradient-based addition over "
         f"{args.flops_update_every} steps (the recipe's update period).\n"
     )

@@ -13,7 +13,8 @@ from .lrt import LocalReparameterizationMessenger, local_reparameterization
 from .models import BayesianClassifier, bayesianize, cifar_resnet18
 from .schedule import SwapSchedule
 from .subspace import select_swap
-from .svi import SSVI, NonFiniteLossError, reset_optimizer_state
+from .optim import fresh_adam_correction, reset_optimizer_state
+from .svi import SSVI, NonFiniteLossError
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "SwapSchedule",
     "criteria",
     "init_to_normal",
+    "fresh_adam_correction",
     "reset_optimizer_state",
     "select_swap",
     "subspace_prior",

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .svi import _torch_optimizers
+from .optim import torch_optimizers
 
 _LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -35,7 +35,7 @@ def _guide_optimizer_states(guide, optim):
     if optim is None:
         return
     ids = {id(p) for p in guide.parameters()}
-    for opt in _torch_optimizers(optim):
+    for opt in torch_optimizers(optim):
         for p, state in opt.state.items():
             if id(p) in ids:
                 yield p, state
@@ -49,7 +49,7 @@ def _optimizer_slots(guide, optim):
 
 
 def guide_state_bytes(guide, optim=None):
-    """Bytes of the guide's state: parameters, buffers (active indices) and, when ``optim`` is
+    """Bytes of the guide's state: parameters, buffers (active indices, slot births) and, when ``optim`` is
     given, the optimiser state of the guide's parameters."""
     total = sum(tensor_bytes(p) for p in guide.parameters()) + sum(tensor_bytes(b) for b in guide.buffers())
     for _, state in _guide_optimizer_states(guide, optim):

@@ -5,6 +5,8 @@ guide keeps ``k = round(density * d)`` active coordinates::
 
     indices.<site>               IntTensor  (k,)   flat positions of the active entries (int32 buffer,
                                                    int64 beyond 2^31 entries; empty for a dense site)
+    births.<site>                IntTensor  (k,)   SSVI step at which each slot was last refilled
+                                                   (0: since set-up; int32; empty for a dense site)
     locs.<site>                  Parameter  (k,)   mu
     unconstrained_scales.<site>  Parameter  (k,)   rho, sigma = softplus(rho) (or exp(rho))
 
@@ -179,6 +181,7 @@ class SparseSubspaceGuide(AutoGuide):
         self.locs = PyroModule()
         self.unconstrained_scales = PyroModule()
         self.indices = PyroModule()
+        self.births = PyroModule()
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             fn = site["fn"]
             if not _is_real(fn.support):
@@ -212,6 +215,7 @@ class SparseSubspaceGuide(AutoGuide):
                 index = index.to(_index_dtype(numel))
             scale = self._draw_scale(k, value)
             _deep_set(self.indices, name, index, buffer=True)
+            _deep_set(self.births, name, torch.zeros(0 if k == numel else k, dtype=torch.int32, device=device), buffer=True)
             _deep_set(self.locs, name, torch.nn.Parameter(loc))
             _deep_set(self.unconstrained_scales, name, torch.nn.Parameter(_inverse_transform(scale, self.scale_transform)))
             sites[name] = _Site(shape, numel, k)
@@ -271,6 +275,15 @@ class SparseSubspaceGuide(AutoGuide):
         if info.full:
             return torch.arange(info.numel, device=index.device)
         return index
+
+    def entry_births(self, name):
+        """Step at which each storage slot of ``name`` was last refilled by a subspace update (0: never).
+
+        ``ssvi_step - births`` is each active entry's age; SSVI uses it to give refilled slots a
+        fresh Adam (:func:`pyro_ssvi.fresh_adam_correction`). A dense site has no births (empty).
+        """
+        self.site_info(name)
+        return attrgetter(name)(self.births)
 
     def transform_scale(self, rho):
         return torch.exp(rho) if self.scale_transform == "exp" else F.softplus(rho)
@@ -361,11 +374,14 @@ class SparseSubspaceGuide(AutoGuide):
         return f"sites={len(self._sites)}, active={self.active_params}, dense={self.dense_params}"
 
     @torch.no_grad()
-    def replace_entries(self, name, positions, new_index, loc, unconstrained_scale):
+    def replace_entries(self, name, positions, new_index, loc, unconstrained_scale, step=None):
         """Put new entries ``new_index`` into storage slots ``positions`` (in place).
 
         :param loc: value(s) for the new entries' means.
         :param unconstrained_scale: value(s) for their ``rho``.
+        :param int step: recorded in :meth:`entry_births` for these slots: the first step the new
+            entries take part in, minus one. Default: the current ``ssvi_step`` plus one (the
+            update belongs to the step being taken).
         """
         info = self.site_info(name)
         if positions.numel() != new_index.numel():
@@ -378,6 +394,7 @@ class SparseSubspaceGuide(AutoGuide):
         index[positions] = new_index.to(index.dtype)
         self.loc(name)[positions] = loc
         self.unconstrained_scale(name)[positions] = unconstrained_scale
+        self.entry_births(name)[positions] = int(self.ssvi_step) + 1 if step is None else int(step)
 
     # checkpoints -----------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -389,6 +406,8 @@ class SparseSubspaceGuide(AutoGuide):
                 raise ValueError(f"state_dict: site {name!r} has {index.numel()} active indices, expected {info.k}")
             if index.numel() and (index.min() < 0 or index.max() >= info.numel):
                 raise ValueError(f"state_dict: active indices of site {name!r} out of range [0, {info.numel})")
+            if self.entry_births(name).numel() != index.numel():
+                raise ValueError(f"state_dict: site {name!r} has {self.entry_births(name).numel()} births, expected {index.numel()}")
         return result
 
 

@@ -1,4 +1,4 @@
-"""``SSVI``: stochastic variational inference with subspace updates (Li, Miao, Qiu, Zhang, ICLR 2024, arXiv 2402.11025).
+r"""``SSVI``: stochastic variational inference with subspace updates (Li, Miao, Qiu, Zhang, ICLR 2024, arXiv 2402.11025).
 
 A drop-in for :class:`pyro.infer.SVI`::
 
@@ -27,48 +27,17 @@ import torch
 from pyro.infer.elbo import ELBO, ELBOModule
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
-from pyro.optim.optim import is_scheduler
 
 from .criteria import get_addition, get_removal, needs_gradient
 from .guide import SparseSubspaceGuide, inverse_scale_transform
 from .handlers import DataGradientMessenger, SubspacePriorMessenger
+from .optim import adam_param_groups, fresh_adam_correction, reset_optimizer_state
 from .schedule import SwapSchedule
 from .subspace import select_swap
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss of an SSVI step was NaN or infinite; no parameter was changed by that step."""
-
-
-def _torch_optimizers(optim):
-    if isinstance(optim, PyroOptim):
-        for opt in optim.optim_objs.values():
-            yield opt.optimizer if is_scheduler(opt) else opt
-    elif isinstance(optim, torch.optim.Optimizer):
-        yield optim
-    elif is_scheduler(optim):
-        yield optim.optimizer
-
-
-@torch.no_grad()
-def reset_optimizer_state(optim, params, positions):
-    """Zero the per-coordinate optimiser state (momentum, Adam moments...) of ``params`` at ``positions``.
-
-    Works for a :class:`pyro.optim.PyroOptim` (one torch optimiser per parameter) and for
-    a plain :class:`torch.optim.Optimizer`. Every state tensor shaped like the parameter
-    is reset; scalar state such as Adam's step count is shared and left alone.
-    """
-    if positions.numel() == 0:
-        return
-    params = list(params)
-    for opt in _torch_optimizers(optim):
-        for p in params:
-            state = opt.state.get(p)
-            if not state:
-                continue
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    value[positions] = 0
 
 
 class SSVI:
@@ -96,6 +65,11 @@ class SSVI:
         all-reduces it, e.g. ``lambda name, g: (dist.all_reduce(g), g)[1]``, so every rank makes
         the same swap (removal scores come from parameters, which stay in sync, and
         ``addition="random"`` draws from the global RNG: seed ranks alike).
+    :param str optimizer_reset: what a refilled slot's optimiser state becomes. ``"fresh"``
+        (default): zeroed, and with ``torch.optim.Adam`` / ``AdamW`` (also through ``pyro.optim``)
+        the slot then steps exactly like a fresh Adam, its own bias correction included
+        (:func:`~pyro_ssvi.fresh_adam_correction`). ``"zero"``: zeroed only; Adam's shared step
+        count then makes the slot's first steps about 3x ``lr``.
     :param bool local_reparameterization: sample pre-activations instead of weights in
         ``F.linear``/``F.conv*`` (see :class:`pyro_ssvi.LocalReparameterizationMessenger`).
         Default ``False``: plain weight sampling, exactly what ``pyro.infer.SVI`` does.
@@ -117,6 +91,7 @@ class SSVI:
         new_loc=0.0,
         new_scale="mean",
         dense_grad_hook=None,
+        optimizer_reset="fresh",
         local_reparameterization=False,
     ):
         if not isinstance(guide, SparseSubspaceGuide):
@@ -145,6 +120,9 @@ class SSVI:
         if dense_grad_hook is not None and not callable(dense_grad_hook):
             raise ValueError(f"dense_grad_hook: expected a callable (site, grad) -> grad, got {dense_grad_hook!r}")
         self.dense_grad_hook = dense_grad_hook
+        if optimizer_reset not in ("fresh", "zero"):
+            raise ValueError(f"optimizer_reset: expected 'fresh' or 'zero', got {optimizer_reset!r}")
+        self.optimizer_reset = optimizer_reset
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self._prior_model = SubspacePriorMessenger(guide)(model)
         self.local_reparameterization = bool(local_reparameterization)
@@ -189,6 +167,7 @@ class SSVI:
                     raise
                 self.optim(params)
                 zero_grads(params)
+                self._after_optimizer_step()
             else:
                 self.optim.zero_grad()
                 loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
@@ -196,10 +175,23 @@ class SSVI:
                 self._check_finite(loss, t)
                 loss_t.backward()
                 self.optim.step()
+                self._after_optimizer_step()
         if update:
             self._update(t, capture.grads() if capture is not None else {})
         self.guide.ssvi_step.add_(1)
         return loss
+
+    def _after_optimizer_step(self):
+        """With ``optimizer_reset="fresh"``, refilled slots under Adam step like a fresh Adam."""
+        if self.optimizer_reset != "fresh" or not self.history:  # nothing refilled yet
+            return
+        groups = adam_param_groups(self.optim)
+        if not groups:
+            return
+        guide = self.guide
+        for name in guide.sparse_site_names():
+            params = (guide.loc(name), guide.unconstrained_scale(name))
+            fresh_adam_correction(self.optim, params, guide.entry_births(name), groups)
 
     def evaluate_loss(self, *args, **kwargs):
         """The loss on ``args`` without a gradient step or update."""
@@ -274,7 +266,7 @@ class SSVI:
                 new_rho = rho.mean()
             else:
                 new_rho = inverse_scale_transform(self.new_scale, guide.scale_transform).to(rho)
-            guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho)
+            guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho, step=t)
             reset_optimizer_state(self.optim, (loc, rho), decision.positions)
             record["swapped"][name] = int(decision.positions.numel())
             record["abs_mean_overlap"][name] = overlap

@@ -32,7 +32,7 @@ def test_is_an_autoguide_with_compact_storage():
     assert guide.unconstrained_scale("fc2.weight").shape == (100,)
     # nothing of dense size: every stored tensor has k entries (or is the step counter)
     sizes = sorted(t.numel() for t in guide.state_dict().values())
-    assert sizes == [1, 100, 100, 100, 640, 640, 640]
+    assert sizes == [1, 100, 100, 100, 100, 640, 640, 640, 640]  # indices, births, loc, rho per site
     assert guide.prototype_trace is None
     assert guide.active_params == 740 and guide.dense_params == 7400
     assert "fc1.weight" in guide.summary_table()
@@ -75,6 +75,7 @@ def test_state_dict_round_trip_includes_active_sets():
     model, guide = setup_guide(density=0.1)
     with torch.no_grad():
         guide.loc("fc1.weight").add_(1.0)
+    guide.replace_entries("fc1.weight", torch.tensor([0, 1]), torch.tensor([6398, 6399]), 0.5, -3.0, step=7)
     buf = io.BytesIO()
     torch.save(guide.state_dict(), buf)
     pyro.clear_param_store()
@@ -89,6 +90,8 @@ def test_state_dict_round_trip_includes_active_sets():
     for name in guide.site_names:
         assert torch.equal(fresh.median()[name], guide.median()[name])
         assert torch.equal(fresh.active_mask(name), guide.active_mask(name))
+        assert torch.equal(fresh.entry_births(name), guide.entry_births(name))
+    assert fresh.entry_births("fc1.weight")[:2].tolist() == [7, 7] and fresh.entry_births("fc1.weight")[2:].eq(0).all()
 
 
 def test_load_state_dict_rejects_out_of_range_indices():
@@ -197,7 +200,7 @@ def test_nested_site_names_and_state_dict_keys():
     guide = SparseSubspaceGuide(model, density=0.5)
     guide(torch.randn(2, 1, 5, 5))
     keys = set(guide.state_dict())
-    assert {"indices.conv.weight", "locs.conv.weight", "unconstrained_scales.conv.weight", "ssvi_step"} == keys
+    assert {"indices.conv.weight", "births.conv.weight", "locs.conv.weight", "unconstrained_scales.conv.weight", "ssvi_step"} == keys
     assert guide.site_info("conv.weight").k == 18
 
 

@@ -264,3 +264,65 @@ def test_dense_grad_hook_sees_and_replaces_the_gradient(digits):
         assert guide.active_mask(name).reshape(-1)[7]
     with pytest.raises(ValueError, match="dense_grad_hook"):
         make_svi(dense_grad_hook=3)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {"weight_decay": 0.1})])
+def test_fresh_adam_correction_makes_a_refilled_slot_a_fresh_adam(cls, kwargs):
+    from pyro_ssvi import fresh_adam_correction
+
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(40, 5, generator=g)
+    p = torch.nn.Parameter(torch.randn(5, generator=g))
+    opt = cls([p], lr=0.05, **kwargs)
+    births = torch.zeros(5, dtype=torch.int32)
+    for t in range(30):
+        p.grad = grads[t].clone()
+        opt.step()
+    reset_optimizer_state(opt, [p], torch.tensor([1, 3]))
+    births[[1, 3]] = 30
+    start = p.detach().clone()
+    fresh = torch.nn.Parameter(start[[1, 3]].clone())
+    fresh_opt = cls([fresh], lr=0.05, **kwargs)
+    plain = p.detach().clone()
+    for t in range(30, 40):
+        p.grad = grads[t].clone()
+        opt.step()
+        n = fresh_adam_correction(opt, [p], births)
+        assert n == 2
+        fresh.grad = grads[t][[1, 3]].clone()
+        fresh_opt.step()
+        torch.testing.assert_close(p.detach()[[1, 3]], fresh.detach(), rtol=1e-6, atol=1e-6)
+    # untouched slots followed the shared optimiser, uncorrected
+    assert not torch.equal(p.detach()[[0, 2, 4]], plain[[0, 2, 4]])
+
+
+def _first_step_over_lr(t, b1=0.9, b2=0.999):
+    """Adam's first step / lr for zeroed moments under a shared step count t (eps ignored)."""
+    return ((1 - b1) / (1 - b1**t)) / math.sqrt((1 - b2) / (1 - b2**t))
+
+
+@pytest.mark.parametrize("mode", ["fresh", "zero"])
+def test_first_step_of_a_refilled_slot_under_adam(digits, mode):
+    """Fresh Adam's first step is lr * g / (|g| + eps) = lr. With zeroed moments and the shared
+    step count t it is lr (1 - b1) / (1 - b1^t) / sqrt((1 - b2) / (1 - b2^t)): 0.51 lr at t = 21,
+    1.98 lr at t = 501, 3.2 lr for large t."""
+    Xtr, ytr, _, _ = digits
+    lr = 1e-2
+    model, guide, svi = make_svi(optim=pyro.optim.Adam({"lr": lr}), update_every=20, total_steps=200, optimizer_reset=mode)
+    for _ in range(20):
+        svi.step(Xtr[:256], ytr[:256])
+    name = "fc1.weight"
+    refilled = guide.entry_births(name) == 20
+    assert refilled.sum() == svi.history[-1]["swapped"][name] > 0
+    before = guide.loc(name).detach().clone()
+    svi.step(Xtr[:256], ytr[:256])
+    step = (guide.loc(name).detach() - before).abs()[refilled] / lr
+    moved = step[step > 0]
+    assert moved.numel() > 0.9 * refilled.sum()
+    expected = 1.0 if mode == "fresh" else _first_step_over_lr(21)
+    assert moved.median().item() == pytest.approx(expected, rel=0.01)
+
+
+def test_optimizer_reset_is_checked():
+    with pytest.raises(ValueError, match="optimizer_reset"):
+        make_svi(optimizer_reset="keep")
