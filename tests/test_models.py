@@ -133,12 +133,12 @@ def test_guide_bytes_count_optimiser_state():
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     guide(x, y)
     k = guide.active_params
-    assert guide_state_bytes(guide) == k * 4 * 2 + k * 4 + 8  # loc, rho (float32), index (int32), step
+    assert guide_state_bytes(guide) == k * 4 * 2 + k * 4 * 2 + 8  # loc, rho (float32), index and birth (int32), step
     opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
     svi = SSVI(model, guide, opt, pyro.infer.TraceMeanField_ELBO(), total_steps=1)
     svi.step(x, y)
     n_params = len(list(guide.parameters()))
-    assert guide_state_bytes(guide, opt) == k * 4 * 2 + k * 4 + 8 + 2 * k * 4 * 2 + n_params * 4
+    assert guide_state_bytes(guide, opt) == k * 4 * 2 + k * 4 * 2 + 8 + 2 * k * 4 * 2 + n_params * 4
     assert dense_guide_bytes(guide, opt) == guide.dense_params * 4 * 2 * 3
 
 
