@@ -63,7 +63,7 @@ def fit(task):
     import torch
 
     from pyro_ssvi import SSVI, SparseSubspaceGuide
-    from pyro_ssvi.metrics import classification_metrics, mc_predict, mutual_information, ood_metrics, predictive_entropy
+    from pyro_ssvi.metrics import classification_metrics, mc_predict, ood_report
     from pyro_ssvi.models import BayesianClassifier, bayesianize
 
     part, arch, method, density, seed, opts, args = task
@@ -106,12 +106,10 @@ def fit(task):
         **classification_metrics(probs, yte),
         "active_params": active, "dense_params": dense,
     }
-    if ood_probs is not None:
-        ent = ood_metrics(predictive_entropy(sample_probs), predictive_entropy(ood_probs))
-        out.update({f"entropy_{k}": v for k, v in ent.items()})
-        if density is not None:
-            mi = ood_metrics(mutual_information(sample_probs), mutual_information(ood_probs))
-            out.update({f"mi_{k}": v for k, v in mi.items()})
+    if ood_probs is not None:  # a deterministic net has one draw: entropy only
+        for score, metrics in ood_report(sample_probs, ood_probs).items():
+            prefix = {"entropy": "entropy", "mutual_information": "mi"}[score]
+            out.update({f"{prefix}_{k}": v for k, v in metrics.items()})
     return out
 
 

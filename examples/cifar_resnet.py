@@ -18,6 +18,7 @@ holds out a validation split that is monitored each epoch; the test set is evalu
 the end, and never picks a checkpoint.
 """
 
+import argparse
 import json
 import math
 import os
@@ -35,7 +36,14 @@ from pyro_ssvi import SSVI, SparseSubspaceGuide
 from pyro_ssvi.cli import ArgumentParser, run_main
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes
 from pyro_ssvi.handlers import KLScaleMessenger
-from pyro_ssvi.metrics import classification_metrics, mc_predict, mean_predict
+from pyro_ssvi.metrics import (
+    classification_metrics,
+    mc_predict,
+    mean_predict,
+    ood_report,
+    predictive_entropy,
+    selective_metrics,
+)
 from pyro_ssvi.models import cifar_resnet18, recalibrate_batchnorm
 
 MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
@@ -48,29 +56,49 @@ class UsageError(Exception):
 
 
 # data ------------------------------------------------------------------------------------
-def load_cifar(name, data_dir, download):
-    """Training and test sets as uint8 tensors ``(N, 3, 32, 32)`` and labels, via torchvision."""
-    import torchvision
-
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+def _torchvision(name, make, data_dir, download):
+    """Build a torchvision data set; a missing set or a failed download is a one-line UsageError."""
     try:
-        train = cls(root=data_dir, train=True, download=download)
-        test = cls(root=data_dir, train=False, download=download)
+        return make()
     except RuntimeError as e:
         if download:
             raise UsageError(f"downloading {name} into {data_dir} failed ({e}); download it by hand and pass --data-dir") from e
         raise UsageError(
             f"{name} not found in {data_dir!r}: pass --download to fetch it, or --data-dir pointing at the folder "
-            "holding cifar-10-batches-py / cifar-100-python"
+            f"holding {LAYOUT[name]}"
         ) from e
     except OSError as e:
         raise UsageError(f"downloading {name} into {data_dir} failed ({e}); download it by hand and pass --data-dir") from e
 
-    def to_tensors(ds):
-        x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return x, torch.as_tensor(ds.targets, dtype=torch.long)
 
-    return to_tensors(train), to_tensors(test)
+OOD_SETS = ("svhn", "cifar10", "cifar100")
+LAYOUT = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "test_32x32.mat"}
+
+
+def _cifar_tensors(ds):
+    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def load_cifar(name, data_dir, download):
+    """Training and test sets as uint8 tensors ``(N, 3, 32, 32)`` and labels, via torchvision."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    train = _torchvision(name, lambda: cls(root=data_dir, train=True, download=download), data_dir, download)
+    test = _torchvision(name, lambda: cls(root=data_dir, train=False, download=download), data_dir, download)
+    return _cifar_tensors(train), _cifar_tensors(test)
+
+
+def load_ood(name, data_dir, download):
+    """The test images of an out-of-distribution set (``svhn``, ``cifar10``, ``cifar100``), uint8 ``(N, 3, 32, 32)``."""
+    import torchvision
+
+    if name == "svhn":
+        ds = _torchvision(name, lambda: torchvision.datasets.SVHN(root=data_dir, split="test", download=download), data_dir, download)
+        return torch.from_numpy(np.asarray(ds.data)).contiguous()
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    return _cifar_tensors(_torchvision(name, lambda: cls(root=data_dir, train=False, download=download), data_dir, download))[0]
 
 
 def synthetic_cifar(n_train=512, n_test=256, num_classes=10, seed=0):
@@ -144,9 +172,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-#: flags that fix the model, the data or the schedule: a checkpoint only resumes a run that agrees on them
-RUN_FLAGS = (
-    "dataset", "width", "density", "subset", "val_fraction", "num_synthetic", "seed", "prior_scale",
+#: flags that fix the model and the data: --eval-only needs a checkpoint that agrees on them
+MODEL_FLAGS = ("dataset", "width", "density", "prior_scale", "subset", "val_fraction", "num_synthetic", "seed")
+#: ... and the schedule: --resume needs a checkpoint that agrees on all of these
+RUN_FLAGS = MODEL_FLAGS + (
     "epochs", "batch_size", "update_every", "removal_fraction", "stop_updates_at", "removal", "addition", "no_lrt",
 )
 CHECKPOINT_KEYS = ("model", "guide", "optimizer", "scheduler", "ssvi", "rng", "epoch", "seconds", "log", "args")
@@ -157,8 +186,8 @@ def _first_line(error):
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def load_checkpoint(path, args, device):
-    """Read a checkpoint written by this script and check it belongs to a run with the same flags.
+def load_checkpoint(path, args, device, flags=RUN_FLAGS):
+    """Read a checkpoint written by this script and check it belongs to a run with the same ``flags``.
 
     Raises :class:`UsageError` naming the file, and the first flag that differs, for an
     unreadable, foreign or mismatching checkpoint.
@@ -170,7 +199,7 @@ def load_checkpoint(path, args, device):
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS) or not isinstance(ckpt["args"], dict):
         raise UsageError(f"--checkpoint {path}: not a checkpoint of examples/cifar_resnet.py (keys missing)")
     saved, current = ckpt["args"], vars(args)
-    for flag in RUN_FLAGS:
+    for flag in flags:
         if saved.get(flag) != current[flag]:
             raise UsageError(
                 f"--checkpoint {path}: written with --{flag.replace('_', '-')} {saved.get(flag)}, this run has "
@@ -181,53 +210,120 @@ def load_checkpoint(path, args, device):
 
 # evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
+def predict(model, guide, x, prep, mc_samples, batch_size):
+    """Class probabilities on CPU: per weight draw ``(S, N, C)`` (``None`` if ``mc_samples == 0``)
+    and at the posterior mean ``(N, C)``."""
     model.eval()
     mc_probs, mean_probs = [], []
-    for start in range(0, len(x), batch_size):
-        xb = prep(x[start : start + batch_size])
-        if mc_samples:
-            mc_probs.append(mc_predict(model, guide, xb, num_samples=mc_samples).softmax(-1).mean(0).cpu())
-        mean_probs.append(mean_predict(model, guide, xb).softmax(-1).cpu())
-    model.train()
-    out = {"posterior_mean": classification_metrics(torch.cat(mean_probs), y.cpu())}
-    if mc_samples:
-        out["mc"] = classification_metrics(torch.cat(mc_probs), y.cpu())
+    try:
+        for start in range(0, len(x), batch_size):
+            xb = prep(x[start : start + batch_size])
+            if mc_samples:
+                mc_probs.append(mc_predict(model, guide, xb, num_samples=mc_samples).softmax(-1).cpu())
+            mean_probs.append(mean_predict(model, guide, xb).softmax(-1).cpu())
+    finally:
+        model.train()
+    return (torch.cat(mc_probs, dim=1) if mc_probs else None), torch.cat(mean_probs)
+
+
+def report(prediction, y):
+    """Classification and selective-prediction metrics of both predictives: ``{"mc"?, "posterior_mean"}``."""
+    sample_probs, mean_probs = prediction
+    y = y.cpu()
+    out = {"posterior_mean": {**classification_metrics(mean_probs, y), **selective_metrics(mean_probs, y)}}
+    if sample_probs is not None:
+        probs = sample_probs.mean(0)
+        out["mc"] = {**classification_metrics(probs, y), **selective_metrics(probs, y)}
     return out
 
 
+def _draws(prediction):
+    """``{predictive: (S, N, C) probabilities}``: the MC draws, and the posterior mean as one draw."""
+    sample_probs, mean_probs = prediction
+    out = {"posterior_mean": mean_probs.unsqueeze(0)}
+    if sample_probs is not None:
+        out["mc"] = sample_probs
+    return out
+
+
+def ood_results(in_prediction, out_prediction):
+    """``{predictive: {score: {"auroc", "aupr", "fpr95"}}}``; the posterior mean has entropy only."""
+    draws_in, draws_out = _draws(in_prediction), _draws(out_prediction)
+    return {kind: ood_report(draws_in[kind], draws_out[kind]) for kind in draws_in}
+
+
+def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
+    return report(predict(model, guide, x, prep, mc_samples, batch_size), y)
+
+
+def save_plots(out_path, test_prediction, y, ood_predictions):
+    """``<out>-reliability.png`` and ``<out>-uncertainty.png`` beside the JSON; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_ssvi.metrics import plot_reliability, plot_uncertainty_histograms
+
+    stem = os.path.splitext(out_path)[0]
+    kind = "mc" if test_prediction[0] is not None else "posterior_mean"
+    probs = test_prediction[0].mean(0) if kind == "mc" else test_prediction[1]
+    paths = (stem + "-reliability.png", stem + "-uncertainty.png")
+    fig, ax = plt.subplots(figsize=(4, 4))
+    plot_reliability(probs, y.cpu(), ax=ax)
+    ax.set_title(f"test ({kind.replace('_', ' ')}): " + ax.get_title())
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    scores = {"test (in-distribution)": predictive_entropy(_draws(test_prediction)[kind])}
+    scores.update({name: predictive_entropy(_draws(pred)[kind]) for name, pred in ood_predictions.items()})
+    plot_uncertainty_histograms(scores, ax=ax, xlabel=f"predictive entropy ({kind.replace('_', ' ')})")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
 # arguments -------------------------------------------------------------------------------
-def parse_args(argv):
-    p = ArgumentParser(description="SSVI on CIFAR with a Bayesian ResNet-18 (the reference recipe).")
+def build_parser():
+    """The command line: every flag has a help text, and ``--help`` shows its default."""
+    p = ArgumentParser(
+        description="SSVI on CIFAR with a Bayesian ResNet-18 (the reference recipe of Li et al., ICLR 2024).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a = p.add_argument
-    a("--dataset", choices=("cifar10", "cifar100", "synthetic"), default="cifar10")
-    a("--data-dir", default="./data", help="folder holding (or receiving) the torchvision CIFAR files")
-    a("--download", action="store_true", help="download CIFAR with torchvision if missing")
-    a("--epochs", type=int, default=200)
-    a("--batch-size", type=int, default=128)
+    a("--dataset", choices=("cifar10", "cifar100", "synthetic"), default="cifar10", help="training data; synthetic = CIFAR-shaped class templates plus noise, no download")
+    a("--data-dir", default="./data", help="folder holding (or receiving) the torchvision CIFAR / SVHN files")
+    a("--download", action="store_true", help="download missing data sets with torchvision")
+    a("--epochs", type=int, default=200, help="training epochs")
+    a("--batch-size", type=int, default=128, help="minibatch size")
     a("--density", type=float, default=0.1, help="fraction of active weights per sparse layer; 1.0 = dense VI")
-    a("--subset", type=int, default=None, help="use only the first N training images (CPU runs)")
+    a("--subset", type=int, default=None, help="use only the first N training images (CPU runs); default: all")
     a("--val-fraction", type=float, default=0.0, help="fraction of the training images held out and evaluated each epoch (0: train on all, as the recipe)")
     a("--width", type=int, default=64, help="ResNet-18 base width (64 = the standard network)")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--seed", type=int, default=0)
-    a("--mc-samples", type=int, default=10, help="weight draws for the MC-averaged test predictive")
-    a("--checkpoint", default=None, help="save model, guide, optimiser, scheduler and SSVI state here each epoch")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train; auto = cuda when available")
+    a("--seed", type=int, default=0, help="seed of every random number generator (and of the synthetic data)")
+    a("--mc-samples", type=int, default=10, help="weight draws for the MC-averaged test predictive (0: posterior mean only)")
+    a("--checkpoint", default=None, help="save model, guide, optimiser, scheduler and SSVI state here each epoch (atomically)")
     a("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    a("--eval-only", action="store_true", help="evaluate the run saved in --checkpoint (finished or not) without training")
     a("--out", default=None, help="write the final metrics as JSON here")
+    a("--plot", action="store_true", help="with --out: save a reliability diagram and an uncertainty histogram beside it")
+    a("--ood", default="", help="comma-separated out-of-distribution test sets among svhn, cifar10, cifar100 (e.g. svhn,cifar100)")
     a("--lr", type=float, default=0.01, help="learning rate of the means and deterministic parameters")
     a("--lr-scale", type=float, default=0.01, help="learning rate of the (unconstrained) scales")
-    a("--momentum", type=float, default=0.9)
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--weight-decay", type=float, default=5e-4, help="weight decay on means and deterministic parameters")
-    a("--prior-scale", type=float, default=0.005)
-    a("--kl-scale", type=float, default=0.01, help="KL weight after warm-up; 1.0 is the true ELBO")
-    a("--update-every", type=int, default=100)
-    a("--removal-fraction", type=float, default=0.3)
-    a("--stop-updates-at", type=float, default=0.75)
-    a("--removal", default="snr_abs")
-    a("--addition", default="gradient", choices=("gradient", "random"))
-    a("--no-lrt", action="store_true", help="sample weights instead of pre-activations")
-    a("--no-augment", action="store_true")
+    a("--prior-scale", type=float, default=0.005, help="standard deviation of the N(0, s^2) prior on every Bayesian weight")
+    a("--kl-scale", type=float, default=0.01, help="KL weight after the linear warm-up over the first half of training; 1.0 is the true ELBO")
+    a("--update-every", type=int, default=100, help="steps between subspace updates")
+    a("--removal-fraction", type=float, default=0.3, help="fraction of each sparse layer's active entries swapped at the first update (cosine-annealed)")
+    a("--stop-updates-at", type=float, default=0.75, help="fraction of training after which the subspace is frozen")
+    a("--removal", default="snr_abs", help="removal criterion: abs_mean, snr, abs_expectation, snr_abs, exp_abs or snr_exp_abs")
+    a("--addition", default="gradient", choices=("gradient", "random"), help="addition criterion")
+    a("--no-lrt", action="store_true", help="sample weights instead of pre-activations (no local reparameterisation)")
+    a("--no-augment", action="store_true", help="no random crop and flip")
     a(
         "--bn-batches",
         type=int,
@@ -235,8 +331,13 @@ def parse_args(argv):
         help="training batches used to recompute batch-norm statistics at the posterior mean before each "
         "evaluation (0: keep the running statistics of training)",
     )
-    a("--no-progress", action="store_true")
+    a("--no-progress", action="store_true", help="no progress bar")
     a("--num-synthetic", type=int, default=512, help="training images of --dataset synthetic")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     if not 0 < args.density <= 1:
         p.error(f"--density: expected a value in (0, 1], got {args.density}")
@@ -253,6 +354,16 @@ def parse_args(argv):
         p.error(f"--val-fraction: expected a value in [0, 1), got {args.val_fraction}")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint PATH")
+    if args.eval_only and not (args.checkpoint and os.path.exists(args.checkpoint)):
+        p.error(f"--eval-only needs --checkpoint PATH of an existing checkpoint, got {args.checkpoint!r}")
+    if args.plot and not args.out:
+        p.error("--plot writes its images beside --out: pass --out PATH too")
+    args.ood = [name.strip() for name in args.ood.split(",") if name.strip()]
+    for name in args.ood:
+        if name not in OOD_SETS:
+            p.error(f"--ood: unknown set {name!r}; expected names among {', '.join(OOD_SETS)}")
+        if name == args.dataset:
+            p.error(f"--ood: {name} is the training set; pick another out-of-distribution set")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -263,7 +374,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     # read and check a checkpoint before any data is loaded: a foreign one fails fast
-    ckpt = load_checkpoint(args.checkpoint, args, device) if args.resume and os.path.exists(args.checkpoint) else None
+    if args.eval_only:
+        ckpt = load_checkpoint(args.checkpoint, args, device, flags=MODEL_FLAGS)
+    elif args.resume and os.path.exists(args.checkpoint):
+        ckpt = load_checkpoint(args.checkpoint, args, device)
+    else:
+        ckpt = None
     pyro.set_rng_seed(args.seed)
     if args.dataset == "synthetic":
         (xtr, ytr), (xte, yte) = synthetic_cifar(args.num_synthetic, max(64, args.num_synthetic // 2), seed=args.seed)
@@ -271,6 +387,7 @@ def main(argv=None):
     else:
         (xtr, ytr), (xte, yte) = load_cifar(args.dataset, args.data_dir, args.download)
         mean, std = MEAN[args.dataset], STD[args.dataset]
+    ood_x = {name: load_ood(name, args.data_dir, args.download) for name in args.ood}  # fail before training
     if args.subset is not None:
         xtr, ytr = xtr[: args.subset], ytr[: args.subset]
     n_val = max(1, int(round(args.val_fraction * len(xtr)))) if args.val_fraction > 0 else 0
@@ -325,7 +442,8 @@ def main(argv=None):
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise UsageError(f"--checkpoint {args.checkpoint}: does not fit this run ({_first_line(e)})") from e
             start_epoch, elapsed, epochs_log = ckpt["epoch"] + 1, ckpt["seconds"], ckpt["log"]
-            print(f"resumed from {args.checkpoint} after epoch {ckpt['epoch'] + 1}")
+            verb = "evaluating" if args.eval_only else "resumed from"
+            print(f"{verb} {args.checkpoint} after epoch {ckpt['epoch'] + 1}")
 
         def recalibrate():
             if args.bn_batches:
@@ -339,7 +457,7 @@ def main(argv=None):
         density = guide.active_params / guide.dense_params
         from tqdm.auto import tqdm
 
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, start_epoch if args.eval_only else args.epochs):
             t0 = time.perf_counter()
             model.train()
             perm = torch.randperm(n_train).to(device)
@@ -388,8 +506,11 @@ def main(argv=None):
                     args.checkpoint,
                 )
         hook.remove()
+        pyro.set_rng_seed(args.seed)  # the evaluation's draws do not depend on how training got here
         recalibrate()
-        test = evaluate(model, guide, xte, yte, prep, args.mc_samples, 256)
+        test_prediction = predict(model, guide, xte, prep, args.mc_samples, 256)
+        test = report(test_prediction, yte)
+        ood_predictions = {name: predict(model, guide, x, prep, args.mc_samples, 256) for name, x in ood_x.items()}
         flops = flops_report(
             model,
             guide,
@@ -410,23 +531,36 @@ def main(argv=None):
         "dense_vi_train_flops_per_step": flops["dense_vi_train_flops_per_step"],
         "train_images": n_train,
         "val_images": n_val,
-        "epochs": args.epochs,
+        "epochs": len(epochs_log),
+        "eval_only": args.eval_only,
         "seconds": elapsed,
         "updates": len(svi.history),
         "epoch_log": epochs_log,
         "args": vars(args),
     }
-    for metric in ("accuracy", "nll", "ece", "brier"):
+    for metric in TEST_METRICS:
         result[f"test_{metric}"] = {kind: test[kind][metric] for kind in ("mc", "posterior_mean") if kind in test}
+    result["ood"] = {name: ood_results(test_prediction, pred) for name, pred in ood_predictions.items()}
+    kind = "mc" if args.mc_samples else "posterior_mean"
     print(
         "test: "
-        + "  ".join(f"{k} {v.get('mc', v['posterior_mean']):.4f}" for k, v in result.items() if k.startswith("test_"))
-        + f"  (MC, {args.mc_samples} samples)  active {guide.active_params}/{guide.dense_params}"
+        + "  ".join(f"{k[5:]} {v[kind]:.4f}" for k, v in result.items() if k.startswith("test_"))
+        + f"  ({kind.replace('_', ' ')}{f', {args.mc_samples} samples' if args.mc_samples else ''})  "
+        f"active {guide.active_params}/{guide.dense_params}"
     )
+    for name, res in result["ood"].items():
+        print(f"OOD {name}: " + "  ".join(f"{score} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} FPR95 {m['fpr95']:.4f}" for score, m in res[kind].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+        if args.plot:
+            for path in save_plots(args.out, test_prediction, yte, ood_predictions):
+                print(f"plot: {path}")
     return result
+
+
+#: test metrics in the JSON, each for the MC predictive and the posterior mean
+TEST_METRICS = ("accuracy", "nll", "ece", "brier", "aurc", "accuracy_at_80", "accuracy_at_90", "accuracy_at_95")
 
 
 def _sparse_density(guide):

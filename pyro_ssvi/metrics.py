@@ -13,7 +13,15 @@ Uncertainty from MC samples (``sample_probs``: ``(S, N, C)``):
 * :func:`predictive_entropy` :math:`H[\bar p]`, :func:`mutual_information`
   :math:`H[\bar p] - \frac1S \sum_s H[p_s]` (the epistemic part),
 * :func:`ood_metrics`: AUROC, AUPR (out-of-distribution = positive class) and FPR at 95% TPR
-  from any score that is higher for OOD inputs.
+  from any score that is higher for OOD inputs; :func:`plot_uncertainty_histograms` draws the
+  score distributions.
+
+Selective prediction (reject the most uncertain inputs, by default those with the lowest
+top-label confidence :math:`\max_c p_c`):
+
+* :func:`selective_accuracy`: accuracy on the ``ceil(c N)`` most confident inputs, coverage ``c``;
+* :func:`aurc`: area under the risk-coverage curve, :math:`\frac1N \sum_{k=1}^N \mathrm{err}_k`,
+  :math:`\mathrm{err}_k` the error rate of the ``k`` most confident inputs (Geifman et al. 2019).
 
 Regression (targets normalised for training; metrics in the original units):
 
@@ -97,6 +105,74 @@ def plot_reliability(probs, y, ax=None, n_bins=15, label=None):
     return ax
 
 
+def plot_uncertainty_histograms(scores, ax=None, bins=30, xlabel="predictive entropy"):
+    """Overlaid normalised histograms of an uncertainty score, one per data set; returns the axes.
+
+    :param dict scores: ``{label: 1-D tensor of scores}``, e.g. in-distribution and each OOD set.
+    """
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    values = {k: torch.as_tensor(v).double().reshape(-1) for k, v in scores.items()}
+    present = [v for v in values.values() if v.numel()]
+    lo = min(float(v.min()) for v in present) if present else 0.0
+    hi = max(float(v.max()) for v in present) if present else 1.0
+    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1).numpy()  # shared bins over all sets
+    for label, v in values.items():
+        ax.hist(v.numpy(), bins=edges, density=True, alpha=0.5, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend()
+    return ax
+
+
+def _sorted_correct(probs, y, confidence):
+    _check(probs, y)
+    conf = probs.max(-1).values if confidence is None else torch.as_tensor(confidence).reshape(-1)
+    if conf.shape != y.shape:
+        raise ValueError(f"confidence: expected shape {tuple(y.shape)}, got {tuple(conf.shape)}")
+    order = torch.sort(conf.double(), descending=True, stable=True).indices  # ties: input order
+    return (probs.argmax(-1) == y)[order].double()
+
+
+def selective_accuracy(probs, y, coverages=(0.8, 0.9, 0.95), confidence=None):
+    """Accuracy on the most confident ``ceil(c N)`` inputs for each coverage ``c`` in ``(0, 1]``.
+
+    :param confidence: per-input score, higher = more confident (default: top-label probability);
+        pass e.g. ``-predictive_entropy(sample_probs)`` to reject by entropy.
+    :returns: ``{c: accuracy}``.
+
+        >>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]])
+        >>> selective_accuracy(probs, torch.tensor([0, 1, 1, 0]), coverages=(0.5, 1.0))
+        {0.5: 1.0, 1.0: 0.75}
+    """
+    correct = _sorted_correct(probs, y, confidence)
+    n = correct.numel()
+    out = {}
+    for c in coverages:
+        if not 0 < c <= 1:
+            raise ValueError(f"coverages: expected values in (0, 1], got {c!r}")
+        k = max(1, math.ceil(c * n - 1e-9))
+        out[c] = correct[:k].mean().item()
+    return out
+
+
+def aurc(probs, y, confidence=None):
+    """Area under the risk-coverage curve (lower is better): mean over ``k`` of the error rate
+    of the ``k`` most confident inputs. ``confidence`` as in :func:`selective_accuracy`."""
+    errors = 1.0 - _sorted_correct(probs, y, confidence)
+    risk = errors.cumsum(0) / torch.arange(1, errors.numel() + 1, dtype=torch.float64)
+    return risk.mean().item()
+
+
+def selective_metrics(probs, y, coverages=(0.8, 0.9, 0.95), confidence=None):
+    """``{"aurc": ..., "accuracy_at_80": ..., ...}``: :func:`aurc` and :func:`selective_accuracy`."""
+    out = {"aurc": aurc(probs, y, confidence)}
+    for c, acc in selective_accuracy(probs, y, coverages, confidence).items():
+        out[f"accuracy_at_{round(100 * c):d}"] = acc
+    return out
+
+
 def _entropy(p):
     p = p.double()
     return -(p * p.clamp_min(_EPS).log()).sum(-1)
@@ -110,6 +186,22 @@ def predictive_entropy(sample_probs):
 def mutual_information(sample_probs):
     """Mutual information between label and weights (BALD), per example; input ``(S, N, C)``."""
     return (_entropy(sample_probs.mean(0)) - _entropy(sample_probs).mean(0)).clamp_min(0.0)
+
+
+def uncertainty_scores(sample_probs):
+    """Per-example scores, higher = more uncertain, from ``(S, N, C)`` probabilities:
+    ``{"entropy": ..., "mutual_information": ...}``; with one draw (``S == 1``, e.g. a posterior
+    mean or a deterministic network) the mutual information is 0 and left out."""
+    out = {"entropy": predictive_entropy(sample_probs)}
+    if sample_probs.shape[0] > 1:
+        out["mutual_information"] = mutual_information(sample_probs)
+    return out
+
+
+def ood_report(sample_probs_in, sample_probs_out):
+    """:func:`ood_metrics` by every score of :func:`uncertainty_scores`: ``{score: {"auroc", "aupr", "fpr95"}}``."""
+    scores_in, scores_out = uncertainty_scores(sample_probs_in), uncertainty_scores(sample_probs_out)
+    return {name: ood_metrics(scores_in[name], scores_out[name]) for name in scores_in}
 
 
 def _binary_scores(scores_in, scores_out):

@@ -48,12 +48,23 @@ def write_cifar(root, kind, n_per_batch=24, n_test=40, seed=0):
             pickle.dump(obj, f)
 
 
+def write_svhn(root, n=30, seed=0):
+    """A small test_32x32.mat in SVHN's format (X: 32 x 32 x 3 x N uint8, y: N x 1 labels 1..10)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    savemat(root / "test_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": rng.integers(1, 11, (n, 1))})
+
+
 @pytest.fixture
 def no_md5(monkeypatch):
     """Our files cannot match torchvision's MD5 sums; check they exist instead (all else is real)."""
     import torchvision.datasets.cifar as tv_cifar
+    import torchvision.datasets.svhn as tv_svhn
 
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    for module in (tv_cifar, tv_svhn):
+        monkeypatch.setattr(module, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
 
 
 SMALL = ["--epochs", "1", "--width", "4", "--batch-size", "16", "--mc-samples", "2", "--no-progress", "--update-every", "2", "--bn-batches", "2"]
@@ -224,3 +235,63 @@ def test_resume_from_a_corrupt_or_foreign_file_is_one_line(tmp_path, content):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert len(lines) == 1 and str(path) in lines[0]
+
+
+def test_ood_evaluation_selective_prediction_and_plots(tmp_path, cifar, no_md5):
+    write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar100", seed=1)
+    write_svhn(tmp_path)
+    out = tmp_path / "m.json"
+    result = cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out), "--ood", "svhn,cifar100", "--plot"] + SMALL)
+    saved = json.loads(out.read_text())
+    assert set(saved["ood"]) == {"svhn", "cifar100"}
+    for name in ("svhn", "cifar100"):
+        ood = saved["ood"][name]
+        assert set(ood) == {"mc", "posterior_mean"}
+        assert set(ood["mc"]) == {"entropy", "mutual_information"} and set(ood["posterior_mean"]) == {"entropy"}
+        for kind in ood.values():
+            for m in kind.values():
+                assert set(m) == {"auroc", "aupr", "fpr95"} and all(0.0 <= v <= 1.0 for v in m.values())
+    for key in ("test_aurc", "test_accuracy_at_80", "test_accuracy_at_90", "test_accuracy_at_95"):
+        assert set(result[key]) == {"mc", "posterior_mean"} and all(0.0 <= v <= 1.0 for v in result[key].values())
+    for suffix in ("reliability", "uncertainty"):
+        assert (tmp_path / f"m-{suffix}.png").stat().st_size > 5000
+
+
+def test_missing_ood_set_is_one_line_exit_2(tmp_path):
+    res = run_cli("--dataset", "synthetic", "--num-synthetic", "32", "--epochs", "1", "--ood", "svhn", "--data-dir", str(tmp_path))
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1 and "svhn" in lines[0] and "--download" in lines[0]
+
+
+@pytest.mark.parametrize("flag", [["--ood", "mnist"], ["--ood", "cifar10"], ["--plot"], ["--eval-only"]])
+def test_bad_evaluation_flags(flag):
+    res = run_cli(*flag)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and flag[0] in res.stderr
+
+
+def test_eval_only_reproduces_the_training_runs_metrics(tmp_path, cifar, written_checkpoint):
+    args = RESUME[:5] + ["1"] + RESUME[6:]
+    trained = cifar.main(args + ["--checkpoint", str(tmp_path / "again.pt")])
+    evaluated = cifar.main(args + ["--checkpoint", str(tmp_path / "again.pt"), "--eval-only"])
+    for key in cifar.TEST_METRICS:
+        assert evaluated[f"test_{key}"] == trained[f"test_{key}"], key
+    assert evaluated["eval_only"] and evaluated["epochs"] == trained["epochs"] == 1
+    assert evaluated["epoch_log"] == trained["epoch_log"] and evaluated["updates"] == trained["updates"]
+    more = cifar.main(args + ["--checkpoint", str(tmp_path / "again.pt"), "--eval-only", "--mc-samples", "3"])
+    assert more["test_accuracy"]["posterior_mean"] == trained["test_accuracy"]["posterior_mean"]
+    # an eval-only run refuses a checkpoint of another model, and trains nothing
+    res = run_cli(*args, "--checkpoint", str(written_checkpoint), "--eval-only", "--width", "8")
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "--width" in lines[0], res.stderr
+
+
+def test_help_shows_every_flag_with_a_default(cifar):
+    parser = cifar.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]
+    text = " ".join(parser.format_help().split())  # undo line wrapping
+    assert text.count("(default:") == len(options)
+    for shown in ("(default: 200)", "(default: snr_abs)", "(default: 0.1)", "(default: 0.0)"):
+        assert shown in text

@@ -106,3 +106,50 @@ def test_mc_predict_in_batches_matches_shapes_and_mean_predict(digits):
     rep = metrics.classification_report(out, y)
     assert rep == metrics.classification_metrics(out.softmax(-1).mean(0), y)
     assert set(rep) == {"accuracy", "nll", "ece", "brier"}
+
+
+def _direct_selective(probs, y, coverages):
+    """Selective accuracy and AURC by brute force: sort once, then count for every k."""
+    conf = probs.max(-1).values.numpy()
+    order = np.argsort(-conf, kind="stable")
+    correct = (probs.argmax(-1) == y).numpy()[order]
+    n = len(correct)
+    acc = {c: correct[: int(math.ceil(c * n))].mean() for c in coverages}
+    risks = [1.0 - correct[:k].mean() for k in range(1, n + 1)]
+    return acc, sum(risks) / n
+
+
+def test_selective_prediction_matches_a_direct_computation():
+    from pyro_ssvi.metrics import aurc, selective_accuracy, selective_metrics
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(2 * torch.randn(203, 5, generator=g), -1)
+    probs[10:20] = probs[10]  # ties in confidence: broken by input order
+    y = torch.randint(0, 5, (203,), generator=g)
+    coverages = (0.5, 0.8, 0.9, 0.95, 1.0)
+    acc, area = _direct_selective(probs, y, coverages)
+    got = selective_accuracy(probs, y, coverages)
+    for c in coverages:
+        assert got[c] == pytest.approx(acc[c], abs=1e-12)
+    assert aurc(probs, y) == pytest.approx(area, abs=1e-12)
+    assert got[1.0] == pytest.approx(metrics.accuracy(probs, y))
+    m = selective_metrics(probs, y)
+    assert set(m) == {"aurc", "accuracy_at_80", "accuracy_at_90", "accuracy_at_95"}
+    # rejecting uncertain inputs helps when confidence is informative: a perfectly ranked case
+    perfect = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45]])
+    assert aurc(perfect, torch.tensor([0, 0, 1, 1])) == pytest.approx((0 + 0 + 1 / 3 + 2 / 4) / 4)
+    with pytest.raises(ValueError, match="coverages"):
+        selective_accuracy(probs, y, (0.0,))
+
+
+def test_ood_report_has_mutual_information_only_with_several_draws():
+    from pyro_ssvi.metrics import ood_report
+
+    g = torch.Generator().manual_seed(1)
+    inside = torch.softmax(4 * torch.randn(6, 50, 3, generator=g), -1)
+    outside = torch.softmax(0.3 * torch.randn(6, 40, 3, generator=g), -1)
+    rep = ood_report(inside, outside)
+    assert set(rep) == {"entropy", "mutual_information"}
+    assert rep["entropy"]["auroc"] == pytest.approx(metrics.auroc(metrics.predictive_entropy(inside), metrics.predictive_entropy(outside)))
+    assert rep["entropy"]["auroc"] > 0.9
+    assert set(ood_report(inside[:1], outside[:1])) == {"entropy"}
