@@ -110,18 +110,20 @@ def fresh_adam_correction(optim, params, births, groups=None):
             continue
         b1, b2 = group["betas"]
         lr, eps = float(group["lr"]), float(group["eps"])
-        horizon = math.log(_NEGLIGIBLE) / math.log(b2) if 0 < b2 < 1 else float("inf")
         t = int(state["step"])
-        age = (t - births.to(torch.float64)).clamp(1, t)
-        young = born & (age < t) & (age < horizon)
+        horizon = min(t, math.ceil(math.log(_NEGLIGIBLE) / math.log(b2)) if 0 < b2 < 1 else t)
+        young = births > max(t - horizon, 0)  # born after set-up, less than `horizon` steps ago
         if not young.any():
             continue
-        a = age[young]
-        m = state["exp_avg"][young].to(torch.float64)
-        v = state["exp_avg_sq"][young].to(torch.float64)
-        shared = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-        fresh = (m / (1 - b1**a)) / ((v / (1 - b2**a)).sqrt() + eps)
-        p[young] += (lr * (shared - fresh)).to(p.dtype)
+        # 1 / (1 - beta^a) for a = 0 .. horizon, looked up per slot instead of a pow per slot
+        ages = torch.arange(horizon + 1, dtype=torch.float64, device=p.device)
+        inv1 = (1 / (1 - b1**ages)).to(p.dtype)
+        inv2 = (1 / (1 - b2**ages)).to(p.dtype)
+        idx = (t - births).clamp_(1, horizon).reshape(-1)  # each slot's age (any valid index when not young)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        fresh = m * inv1.index_select(0, idx).reshape(m.shape) / ((v * inv2.index_select(0, idx).reshape(v.shape)).sqrt() + eps)
+        shared = m * (1 / (1 - b1**t)) / ((v * (1 / (1 - b2**t))).sqrt() + eps)
+        p.add_(torch.where(young, shared - fresh, torch.zeros((), dtype=p.dtype, device=p.device)), alpha=lr)
         corrected += int(young.sum())
     return corrected
 
