@@ -62,7 +62,30 @@ def test_cost_benchmark(tmp_path):
     assert "Targets" in md and "x AutoNormal" in md
 
 
-@pytest.mark.parametrize("script, flag", [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg")])
+def test_adam_reset_benchmark(tmp_path):
+    run("adam_reset.py", "--seeds", "1", "--steps", "40", "--update-every", "10", "--mc-samples", "2", tmp_path=tmp_path)
+    md = (tmp_path / "adam_reset.md").read_text()
+    runs = json.loads((tmp_path / "adam_reset.json").read_text())["results"]
+    assert [r["optimiser"] for r in runs] == ["zero", "fresh"] and all(r["updates"] == 2 for r in runs)
+    # the measurement itself: a fresh Adam's first steps are about lr, zeroed state under a shared step is not
+    by = {r["optimiser"]: r for r in runs}
+    assert by["fresh"]["refilled_step_over_lr"] != by["zero"]["refilled_step_over_lr"]
+    assert "optimizer_reset" in md and "fresh" in md
+
+
+def test_exploration_benchmark(tmp_path):
+    run("exploration.py", "--steps", "30", "--update-every", "10", tmp_path=tmp_path)
+    runs = json.loads((tmp_path / "exploration.json").read_text())["results"]
+    assert len(runs) == 4 * 3 * 2 and all(r["updates"] == 2 for r in runs)
+    assert all(0.0 <= r["replaced_fraction"] <= 1.0 for r in runs)
+    assert "replaced" in (tmp_path / "exploration.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "script, flag",
+    [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
+     ("exploration.py", "--steps=0")],
+)
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and flag.split("=")[0] in res.stderr
