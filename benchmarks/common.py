@@ -91,6 +91,14 @@ def add_common_flags(parser):
     parser.add_argument("--results-dir", default=None, help=f"where to write the tables, JSON and plots (default {RESULTS})")
 
 
+def add_optimizer_reset_flag(parser):
+    parser.add_argument(
+        "--optimizer-reset", choices=("fresh", "zero"), default="fresh",
+        help="SSVI(optimizer_reset=...): refilled slots step like a fresh Adam (fresh, the default) or keep "
+        "Adam's shared step count (zero, the previous default, which produced the committed digits and UCI results)",
+    )
+
+
 def _init_worker():
     import torch
 

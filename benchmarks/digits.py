@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
-from common import add_common_flags, markdown_table, mean_std, pyplot, run_parallel, save_figure, write_results  # noqa: E402
+from common import add_common_flags, add_optimizer_reset_flag, markdown_table, mean_std, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 METHODS = [("deterministic", None), ("dense VI", 1.0), ("SSVI 0.5", 0.5), ("SSVI 0.2", 0.2), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
 REMOVALS = ["abs_mean", "snr", "abs_expectation", "snr_abs", "exp_abs", "snr_exp_abs"]
@@ -94,6 +94,7 @@ def fit(task):
         svi = SSVI(
             model, guide, pyro.optim.Adam({"lr": args.lr}), pyro.infer.TraceMeanField_ELBO(), total_steps=steps,
             update_every=args.update_every, removal=opts.get("removal", "snr_abs"), addition=opts.get("addition", "gradient"),
+            optimizer_reset=args.optimizer_reset,
         )
         for idx in batches:
             svi.step(xtr[idx], ytr[idx])
@@ -138,7 +139,7 @@ def report(args, runs):
     md = ["# Digits: dense VI vs SSVI\n"]
     md.append(
         f"scikit-learn digits, 1437 training / 360 test images; Normal(0, 1) priors; {args.steps} (MLP) / {args.cnn_steps} (CNN) "
-        f"Adam steps (lr {args.lr}) on minibatches of {args.batch_size}; MC-averaged predictive over {args.mc_samples} samples; "
+        f"Adam steps (lr {args.lr}, optimizer_reset {args.optimizer_reset}) on minibatches of {args.batch_size}; MC-averaged predictive over {args.mc_samples} samples; "
         f"mean ± std over {args.seeds} seeds. The deterministic network is trained with cross-entropy and weight decay 1e-4. "
         "MLP: 64-100-10, every weight sparse. CNN: conv 1-16 3x3, conv 16-32 3x3, 2x2 average pool, linear 512-10; "
         "its first convolution stays dense, as in the reference recipe.\n"
@@ -212,6 +213,7 @@ def parse_args(argv):
     p.add_argument("--update-every", type=int, default=100)
     p.add_argument("--mc-samples", type=int, default=20)
     add_common_flags(p)
+    add_optimizer_reset_flag(p)
     args = p.parse_args(argv)
     if not args.parts or set(args.parts) - set("abcd"):
         p.error(f"--parts: expected letters among a, b, c, d, got {args.parts!r}")

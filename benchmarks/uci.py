@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
-from common import add_common_flags, markdown_table, mean_se, pyplot, run_parallel, save_figure, write_results  # noqa: E402
+from common import add_common_flags, add_optimizer_reset_flag, markdown_table, mean_se, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "uci"
 DATASETS = ["bostonHousing", "concrete", "energy", "wine-quality-red", "yacht"]
@@ -88,7 +88,7 @@ def fit_one(task):
     guide = SparseSubspaceGuide(model, density=density, init_scale=args.init_scale)
     svi = SSVI(
         model, guide, pyro.optim.Adam({"lr": args.lr}), pyro.infer.TraceMeanField_ELBO(),
-        total_steps=args.steps, update_every=args.update_every,
+        total_steps=args.steps, update_every=args.update_every, optimizer_reset=args.optimizer_reset,
     )
     for _ in range(args.steps):
         svi.step(xtr, ytr)
@@ -118,6 +118,7 @@ def parse_args(argv):
     p.add_argument("--mc-samples", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     add_common_flags(p)
+    add_optimizer_reset_flag(p)
     args = p.parse_args(argv)
     args.datasets = args.datasets.split(",")
     unknown = sorted(set(args.datasets) - set(DATASETS))
@@ -147,7 +148,7 @@ def main(argv=None):
     md = "# UCI regression: dense VI vs SSVI\n\n"
     md += (
         f"One hidden layer of {args.hidden} units, N(0, 1) priors, Gaussian likelihood with a learned noise scale, "
-        f"{args.steps} full-batch steps of Adam (lr {args.lr}), {args.mc_samples} MC samples; mean ± standard error "
+        f"{args.steps} full-batch steps of Adam (lr {args.lr}, optimizer_reset {args.optimizer_reset}), {args.mc_samples} MC samples; mean ± standard error "
         f"over {args.splits} splits. Test RMSE (lower is better) and average test log-likelihood (higher is better), "
         "in the target's original units. Published rows: VI (Graves 2011) and PBP from Hernández-Lobato & Adams (2015, "
         "Table 1), MC dropout from Gal & Ghahramani (2016, Table 1); their networks and training budgets differ from ours.\n\n"
