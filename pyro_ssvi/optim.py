@@ -22,6 +22,7 @@ birth steps ``b`` live in the guide (:meth:`SparseSubspaceGuide.entry_births`), 
 correction needs no extra optimiser state and checkpoints with ``state_dict()``.
 """
 
+import functools
 import math
 
 import torch
@@ -72,6 +73,15 @@ def reset_optimizer_state(optim, params, positions):
                     value[positions] = 0
 
 
+@functools.lru_cache(maxsize=16)
+def _inverse_bias_corrections(b1, b2, dtype, device):
+    """``1 / (1 - beta^a)`` for ages ``a = 0 .. H`` (``H``: beta2^H below 1e-6; entry 0 unused), looked
+    up per slot instead of a ``pow`` per slot and step."""
+    horizon = math.ceil(math.log(_NEGLIGIBLE) / math.log(b2)) if 0 < b2 < 1 else 1
+    ages = torch.arange(horizon + 1, dtype=torch.float64, device=device)
+    return (1 / (1 - b1**ages)).to(dtype), (1 / (1 - b2**ages)).to(dtype)
+
+
 def adam_param_groups(optim):
     """``{id(param): (optimizer, group)}`` for parameters under ``torch.optim.Adam`` / ``AdamW`` without amsgrad."""
     out = {}
@@ -96,9 +106,6 @@ def fresh_adam_correction(optim, params, births, groups=None):
     :param dict groups: ``adam_param_groups(optim)``, to reuse across sites of one step.
     :returns: the number of slot-parameter pairs corrected.
     """
-    born = births > 0
-    if not born.any():
-        return 0
     groups = adam_param_groups(optim) if groups is None else groups
     corrected = 0
     for p in params:
@@ -111,14 +118,11 @@ def fresh_adam_correction(optim, params, births, groups=None):
         b1, b2 = group["betas"]
         lr, eps = float(group["lr"]), float(group["eps"])
         t = int(state["step"])
-        horizon = min(t, math.ceil(math.log(_NEGLIGIBLE) / math.log(b2)) if 0 < b2 < 1 else t)
+        inv1, inv2 = _inverse_bias_corrections(float(b1), float(b2), p.dtype, p.device)
+        horizon = min(t, inv1.numel() - 1)
         young = births > max(t - horizon, 0)  # born after set-up, less than `horizon` steps ago
         if not young.any():
             continue
-        # 1 / (1 - beta^a) for a = 0 .. horizon, looked up per slot instead of a pow per slot
-        ages = torch.arange(horizon + 1, dtype=torch.float64, device=p.device)
-        inv1 = (1 / (1 - b1**ages)).to(p.dtype)
-        inv2 = (1 / (1 - b2**ages)).to(p.dtype)
         idx = (t - births).clamp_(1, horizon).reshape(-1)  # each slot's age (any valid index when not young)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         fresh = m * inv1.index_select(0, idx).reshape(m.shape) / ((v * inv2.index_select(0, idx).reshape(v.shape)).sqrt() + eps)
