@@ -95,7 +95,7 @@ def add_optimizer_reset_flag(parser):
     parser.add_argument(
         "--optimizer-reset", choices=("fresh", "zero"), default="fresh",
         help="SSVI(optimizer_reset=...): refilled slots step like a fresh Adam (fresh, the default) or keep "
-        "Adam's shared step count (zero, the previous default, which produced the committed digits and UCI results)",
+        "Adam's shared step count (zero, the previous default, which produced the committed UCI results)",
     )
 
 
