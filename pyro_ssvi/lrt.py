@@ -155,7 +155,10 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
     sample feeds anything but the ``weight`` of ``F.linear`` / ``F.conv1d/2d/3d``, or when
     one sample is the weight of more than one call in a model pass (a reused or tied
     weight, ``fc(fc(x))``): independent noise per call would be wrong there. Misuse is
-    detected on a site's first pass, which is always a weight-sampling pass.
+    detected on a site's first pass, which is always a weight-sampling pass. A misuse that
+    first appears in a later pass (e.g. data-dependent reuse) is caught when it happens: that
+    pass has already used local reparameterisation for the earlier calls; the following passes
+    fall back.
 
     The handler is re-entrant, like Pyro's ``ReentrantMessenger``: entering an instance
     that is already active only counts the depth; the outermost exit ends the pass.
