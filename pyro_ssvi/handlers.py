@@ -97,13 +97,13 @@ class DataGradientMessenger(Messenger):
         value = msg["value"]
         if not (torch.is_tensor(value) and value.requires_grad):
             return
-        stack = _PYRO_STACK
-        if not any(isinstance(f, TraceMessenger) for f in stack[: stack.index(self)]):
+        here = _PYRO_STACK.index(self)
+        if not any(isinstance(f, TraceMessenger) for f in _PYRO_STACK[:here]):
             raise RuntimeError(
                 f"DataGradientMessenger: site {msg['name']!r} is not traced outside this handler; apply "
                 "the handler to the model (probe(model)) and run the ELBO on it"
             )
-        if any(isinstance(f, TraceMessenger) for f in stack[stack.index(self) + 1 :]):
+        if any(isinstance(f, TraceMessenger) for f in _PYRO_STACK[here + 1 :]):
             raise RuntimeError(
                 f"DataGradientMessenger: site {msg['name']!r} is traced inside this handler, so the probe "
                 "would reach log p and log q too; apply the handler to the model, not around the ELBO"
