@@ -8,6 +8,7 @@ the last: write a ``PyroModule`` BNN with ``PyroSample`` priors, fit it with
 from . import criteria
 from .distributions import SparseNormal, SubspacePrior
 from .guide import SparseSubspaceGuide, init_to_normal
+from .batched import BatchedLayersMessenger, batched_layers
 from .handlers import DataGradientMessenger, KLScaleMessenger, SubspacePriorMessenger, subspace_prior
 from .lrt import LocalReparameterizationMessenger, local_reparameterization
 from .models import BayesianClassifier, bayesianize, cifar_resnet18
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SSVI",
     "BayesianClassifier",
+    "BatchedLayersMessenger",
+    "batched_layers",
     "DataGradientMessenger",
     "KLScaleMessenger",
     "bayesianize",

@@ -171,6 +171,10 @@ class SubspacePrior(TorchDistribution):
     def has_rsample(self):
         return self.base.has_rsample
 
+    def expand(self, batch_shape, _instance=None):
+        """The restriction of the expanded prior (vectorised particles expand every site)."""
+        return SubspacePrior(self.base.expand(batch_shape), self.index)
+
     def _mask(self, value):
         flat = _flat(value, self.site_shape)
         keep = torch.zeros(flat.shape[-1], dtype=torch.bool, device=flat.device)

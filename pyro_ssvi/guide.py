@@ -31,7 +31,7 @@ import pyro
 import torch
 import torch.nn.functional as F
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide import AutoGuide, AutoGuideList
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroModule
 
@@ -187,7 +187,10 @@ class SparseSubspaceGuide(AutoGuide):
             if not _is_real(fn.support):
                 raise ValueError(
                     f"site {name!r}: support {fn.support} is not real; SparseSubspaceGuide only handles "
-                    "real-valued latent sites (enumerate or marginalise discrete ones)"
+                    "real-valued latent sites. For a hierarchical prior (a scale such as tau ~ HalfCauchy) "
+                    "or a discrete site, give those sites their own guide: AutoGuideList with "
+                    "SparseSubspaceGuide(poutine.block(model, expose=[weights])) and "
+                    "AutoNormal(poutine.block(model, hide=[weights]))"
                 )
             if fn.batch_shape != torch.Size():
                 raise ValueError(
@@ -244,6 +247,22 @@ class SparseSubspaceGuide(AutoGuide):
             )
 
     # per-site accessors ---------------------------------------------------------------
+    @property
+    def is_setup(self):
+        """Whether the guide has traced its model and created its state."""
+        return self._sites is not None
+
+    def sparse_index(self, name):
+        """Active index of ``name`` if it is one of this guide's *sparse* sites, else ``None``.
+
+        ``None`` for dense sites, for names this guide does not hold and before set-up; handlers
+        use it to decide whether to restrict a prior (:class:`~pyro_ssvi.handlers.SubspacePriorMessenger`).
+        """
+        info = self._sites.get(name) if self._sites is not None else None
+        if info is None or info.full:
+            return None
+        return attrgetter(name)(self.indices)
+
     @property
     def site_names(self):
         self._require_setup("site_names")
@@ -411,9 +430,33 @@ class SparseSubspaceGuide(AutoGuide):
         return result
 
 
+def sparse_parts(guide):
+    """The :class:`SparseSubspaceGuide` s in ``guide``, in order.
+
+    ``guide`` itself if it is one; the parts of an :class:`~pyro.infer.autoguide.AutoGuideList`
+    (nested lists too) that are; ``()`` otherwise.
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer.autoguide import AutoGuideList, AutoNormal
+        >>> def model():
+        ...     tau = pyro.sample("tau", dist.HalfCauchy(1.))
+        ...     pyro.sample("w", dist.Normal(0., tau).expand([10]).to_event(1))
+        >>> guide = AutoGuideList(model)
+        >>> guide.append(SparseSubspaceGuide(pyro.poutine.block(model, expose=["w"]), density=0.3))
+        >>> guide.append(AutoNormal(pyro.poutine.block(model, hide=["w"])))
+        >>> [type(g).__name__ for g in sparse_parts(guide)]
+        ['SparseSubspaceGuide']
+    """
+    if isinstance(guide, SparseSubspaceGuide):
+        return (guide,)
+    if isinstance(guide, AutoGuideList):
+        return tuple(p for part in guide for p in sparse_parts(part))
+    return ()
+
+
 def inverse_scale_transform(scale, transform="softplus"):
     """``rho`` such that ``transform(rho) == scale``."""
     return _inverse_transform(torch.as_tensor(scale), transform)
 
 
-__all__ = ["SparseSubspaceGuide", "init_to_normal", "inverse_scale_transform"]
+__all__ = ["SparseSubspaceGuide", "init_to_normal", "inverse_scale_transform", "sparse_parts"]

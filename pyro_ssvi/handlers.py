@@ -16,6 +16,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 
 from .distributions import SubspacePrior
+from .guide import sparse_parts
 
 
 class SubspacePriorMessenger(Messenger):
@@ -23,6 +24,9 @@ class SubspacePriorMessenger(Messenger):
 
     ``S`` is read from the guide's ``indices`` buffers at every site, so the
     handler follows subspace updates. Dense sites and observed sites are untouched.
+    The prior's parameters may depend on other latent sites (a hierarchical prior such as
+    ``Normal(0, tau * lambda)``): it is restricted to ``S`` afresh at every site, with
+    whatever values they have in that pass.
 
     Wrap the model, not the guide::
 
@@ -30,19 +34,27 @@ class SubspacePriorMessenger(Messenger):
         loss = Trace_ELBO().differentiable_loss(model_s, guide, x, y)
 
     :class:`~pyro_ssvi.SSVI` does this for you.
+
+    :param guide: a :class:`~pyro_ssvi.SparseSubspaceGuide` or an ``AutoGuideList`` holding
+        one or more of them (see :func:`~pyro_ssvi.guide.sparse_parts`).
     """
 
     def __init__(self, guide):
         super().__init__()
-        self.guide = guide
+        self.guides = sparse_parts(guide)
+        if not self.guides:
+            raise ValueError(
+                f"guide: expected a SparseSubspaceGuide or an AutoGuideList holding one, got {type(guide).__name__}"
+            )
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"] or self.guide._sites is None:
+        if msg["is_observed"] or isinstance(msg["fn"], SubspacePrior):
             return
-        info = self.guide._sites.get(msg["name"])
-        if info is None or info.full or isinstance(msg["fn"], SubspacePrior):
-            return
-        msg["fn"] = SubspacePrior(msg["fn"], self.guide.active_index(msg["name"]))
+        for guide in self.guides:
+            index = guide.sparse_index(msg["name"])
+            if index is not None:
+                msg["fn"] = SubspacePrior(msg["fn"], index)
+                return
 
 
 def subspace_prior(fn, guide):

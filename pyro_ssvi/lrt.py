@@ -56,6 +56,15 @@ _SIGNATURES = {
 }
 
 
+_SPATIAL = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _unexpand(t):
+    """``t`` with every expanded (stride-0) dim cut to size 1: moments shared by all particles."""
+    index = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(t.shape, t.stride()))
+    return t[index]
+
+
 #: functions that read a tensor's metadata; they never count as "using" a weight
 _METADATA = {
     torch.Tensor.shape.__get__,
@@ -199,6 +208,18 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         entry = self._by_id.get(id(t))
         return entry if entry is not None and entry.tensor is t else None
 
+    def _carried(self, v):
+        """The entry whose sample a Delta site carries: the same tensor, or (when vectorised
+        particles expanded the Delta) a view with the same storage, offset, shape and strides."""
+        entry = self._lookup(v)
+        if entry is not None or not torch.is_tensor(v):
+            return entry
+        for entry in self._by_name.values():
+            t = entry.tensor
+            if t.data_ptr() == v.data_ptr() and t.shape == v.shape and t.stride() == v.stride():
+                return entry
+        return None
+
     def _register(self, tensor, name, fn):
         old = self._by_name.pop(name, None)
         if old is not None:
@@ -308,7 +329,7 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         if self._lookup(value) is not None:
             return  # the model's site carrying a registered guide sample
         fn = msg["fn"]
-        carried = self._lookup(getattr(fn, "v", None))
+        carried = self._carried(getattr(fn, "v", None))
         if carried is not None:
             # AutoNormal: a Delta site carries the sample of its Gaussian "<name>_unconstrained" site
             self._by_name.pop(carried.name, None)
@@ -322,13 +343,15 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
 
     # the computation ------------------------------------------------------------
     def _moments(self, entry, weight):
-        """Dense mean (plus the entry's shift) and variance of the weight, weight-sized."""
+        """Mean (plus the entry's shift) and variance of the weight, weight-sized except that batch
+        dims shared by every particle (expanded, stride 0) are kept at size 1."""
         fn = entry.fn
         if isinstance(fn, SparseNormal):
-            mean, var = fn.scatter(fn.loc), fn.scatter(fn.scale**2)
+            mean, var = fn.scatter(_unexpand(fn.loc)), fn.scatter(_unexpand(fn.scale) ** 2)
         else:
             base = _gaussian(fn)
-            mean, var = base.loc.expand_as(weight), (base.scale**2).expand_as(weight)
+            shape = weight.shape[: weight.dim() - base.loc.dim()] + base.loc.shape
+            mean, var = _unexpand(base.loc.expand(shape)), _unexpand(base.scale.expand(shape)) ** 2
         if entry.shift is not None:
             mean = mean + entry.shift
         return mean, var
@@ -338,7 +361,12 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         mean_w, var_w = self._moments(entry, weight)
         mean = func(**{**call, "weight": mean_w})
         var = func(**{**call, "input": x * x, "weight": var_w, "bias": None})
-        return mean + torch.sqrt(var + self.eps) * torch.randn_like(mean)
+        # particles (leading weight dims) each draw their own noise: y is (*broadcast(x, W) lead, out, ...)
+        core = 1 if func is F.linear else _SPATIAL[func] + 1  # (out,) or (out, *spatial)
+        wlead = weight.shape[: weight.dim() - (2 if func is F.linear else _SPATIAL[func] + 2)]
+        lead = torch.broadcast_shapes(mean.shape[: mean.dim() - core], wlead) if wlead else mean.shape[: mean.dim() - core]
+        shape = lead + mean.shape[mean.dim() - core :]
+        return mean.expand(shape) + torch.sqrt(var + self.eps).expand(shape) * torch.randn(shape, dtype=mean.dtype, device=mean.device)
 
 
 def local_reparameterization(fn=None, eps=1e-8):

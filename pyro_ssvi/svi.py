@@ -24,16 +24,52 @@ import math
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide import AutoGuideList
+from pyro.infer import TraceTailAdaptive_ELBO
 from pyro.infer.elbo import ELBO, ELBOModule
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from .criteria import get_addition, get_removal, needs_gradient
-from .guide import SparseSubspaceGuide, inverse_scale_transform
+from .guide import inverse_scale_transform, sparse_parts
+from .batched import BatchedLayersMessenger
 from .handlers import DataGradientMessenger, SubspacePriorMessenger
 from .optim import adam_param_groups, fresh_adam_correction, reset_optimizer_state
 from .schedule import SwapSchedule
 from .subspace import select_swap
+
+
+#: Pyro's compiled ELBOs: they trace the loss once, with the active sets of that moment baked in
+JIT_ELBOS = tuple(
+    getattr(pyro.infer, n)
+    for n in ("JitTrace_ELBO", "JitTraceMeanField_ELBO", "JitTraceGraph_ELBO", "JitTraceEnum_ELBO")
+    if hasattr(pyro.infer, n)
+)
+
+
+def check_loss(loss):
+    """Raise ``ValueError`` naming the combination if SSVI cannot train with the ELBO ``loss``.
+
+    * JIT ELBOs (``JitTrace_ELBO``, ``JitTraceMeanField_ELBO``...) compile the loss on the first
+      step. The active indices are buffers, not inputs, so the compiled graph would keep
+      gathering and scattering the *first* active set after every subspace update, and update
+      steps hand the model probed samples that the compiled graph cannot see.
+    * ``TraceTailAdaptive_ELBO`` needs ``num_particles > 1`` and ``vectorize_particles=True``
+      (as in Pyro itself).
+    """
+    name = type(loss).__name__
+    if isinstance(loss, JIT_ELBOS):
+        base = name[3:] if name.startswith("Jit") else "the non-JIT ELBO"
+        raise ValueError(
+            f"loss: SSVI cannot train with {name}: the JIT compiles the loss once, with the active sets of "
+            "that step as constants (index buffers are not inputs of the compiled graph), so after the first "
+            f"subspace update it would keep using the old active set; use {base}() instead"
+        )
+    if isinstance(loss, TraceTailAdaptive_ELBO) and not (loss.vectorize_particles and loss.num_particles > 1):
+        raise ValueError(
+            f"loss: TraceTailAdaptive_ELBO needs num_particles > 1 and vectorize_particles=True, got "
+            f"num_particles={loss.num_particles}, vectorize_particles={loss.vectorize_particles}"
+        )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,12 +80,19 @@ class SSVI:
     """Sparse Subspace Variational Inference: ``pyro.infer.SVI`` plus subspace updates.
 
     :param model: the Pyro model.
-    :param SparseSubspaceGuide guide: the sparse guide.
+    :param guide: a :class:`~pyro_ssvi.SparseSubspaceGuide`, or an
+        :class:`~pyro.infer.autoguide.AutoGuideList` (nested lists too) holding one or more of them
+        next to other autoguides (``AutoNormal`` for a hierarchical prior's scales, ``AutoDelta``...).
+        Every sparse part gets subspace updates and optimiser resets; the other parts train as
+        under ``pyro.infer.SVI``.
     :param optim: a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.Adam({"lr": 1e-2})``) or a
         :class:`torch.optim.Optimizer` over the guide's (and model's) parameters; in the latter case
         set the guide up first (``guide(*args)``) so its parameters exist.
-    :param loss: a Pyro ELBO (``Trace_ELBO()``, ``TraceMeanField_ELBO()``...), or the
-        ``ELBOModule`` that ``elbo(model, guide)`` returns.
+    :param loss: a Pyro ELBO (``Trace_ELBO()``, ``TraceMeanField_ELBO()``, ``TraceGraph_ELBO()``,
+        ``RenyiELBO()``, ``TraceTailAdaptive_ELBO(num_particles=P, vectorize_particles=True)``), with
+        ``num_particles`` sequential or vectorised, or the ``ELBOModule`` that ``elbo(model, guide)``
+        returns. The JIT ELBOs are refused: a compiled loss would keep the active set it was
+        traced with.
     :param int total_steps: ``T``, the number of steps the run will take.
     :param int update_every: ``DeltaT`` (default 100).
     :param float removal_fraction: ``alpha`` (default 0.3).
@@ -94,12 +137,22 @@ class SSVI:
         optimizer_reset="fresh",
         local_reparameterization=False,
     ):
-        if not isinstance(guide, SparseSubspaceGuide):
-            raise ValueError(f"guide: expected a SparseSubspaceGuide, got {type(guide).__name__}")
+        self.sparse_guides = sparse_parts(guide)
+        if not self.sparse_guides:
+            if isinstance(guide, AutoGuideList):
+                parts = ", ".join(type(p).__name__ for p in guide) or "none"
+                raise ValueError(
+                    f"guide: the AutoGuideList holds no SparseSubspaceGuide (parts: {parts}); SSVI needs at "
+                    "least one sparse part (use pyro.infer.SVI for dense guides)"
+                )
+            raise ValueError(
+                f"guide: expected a SparseSubspaceGuide or an AutoGuideList holding one, got {type(guide).__name__}"
+            )
         if isinstance(loss, ELBOModule):
             loss = loss.elbo
         if not isinstance(loss, ELBO):
             raise ValueError(f"loss: expected a pyro.infer ELBO (e.g. Trace_ELBO()), got {type(loss).__name__}")
+        check_loss(loss)
         if not isinstance(optim, (PyroOptim, torch.optim.Optimizer)):
             raise ValueError(
                 f"optim: expected a pyro.optim optimiser or a torch.optim.Optimizer, got {type(optim).__name__}"
@@ -125,6 +178,8 @@ class SSVI:
         self.optimizer_reset = optimizer_reset
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self._prior_model = SubspacePriorMessenger(guide)(model)
+        # vectorised particles arrive as a leading batch dim of every weight: batched F.linear / F.conv*
+        self._batched = BatchedLayersMessenger(model) if getattr(loss, "vectorize_particles", False) else None
         self.local_reparameterization = bool(local_reparameterization)
         self._lrt = None
         if self.local_reparameterization:
@@ -137,20 +192,23 @@ class SSVI:
     @property
     def step_count(self):
         """Steps taken so far (stored in the guide's ``ssvi_step`` buffer, so it is checkpointed)."""
-        return int(self.guide.ssvi_step)
+        return int(self.sparse_guides[0].ssvi_step)
 
     def _wrap(self, model):
-        return self._lrt.scope_to(model) if self._lrt is not None else model
+        # LRT's interception sits inside the batched layers', so it sees each call first
+        model = self._lrt.scope_to(model) if self._lrt is not None else model
+        return self._batched(model) if self._batched is not None else model
 
     def _context(self):
         return self._lrt if self._lrt is not None else contextlib.nullcontext()
 
     def step(self, *args, **kwargs):
-        """One gradient step (and, on schedule, a subspace update). Returns the loss as a float."""
+        """One gradient step (and, on schedule, a subspace update). Returns the loss as a float
+        (``inf`` under ``TraceTailAdaptive_ELBO``, which computes only a surrogate, as in ``pyro.infer.SVI``)."""
         t = self.step_count + 1
         with self._guard(t):
-            self.guide.setup(*args, **kwargs)
-        sparse = self.guide.sparse_site_names()
+            self._setup(*args, **kwargs)
+        sparse = [name for _, name in self._sparse_sites()]
         update = bool(sparse) and self.schedule.is_update_step(t)
         # on update steps the model is handed probed samples: the probes' gradient is the data term's
         capture = DataGradientMessenger(sparse) if update and needs_gradient(self.addition) else None
@@ -172,14 +230,34 @@ class SSVI:
                 self.optim.zero_grad()
                 loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
                 loss = loss_t.detach().item()
-                self._check_finite(loss, t)
                 loss_t.backward()
+                self._check_finite(loss, t)
                 self.optim.step()
                 self._after_optimizer_step()
         if update:
             self._update(t, capture.grads() if capture is not None else {})
-        self.guide.ssvi_step.add_(1)
+        for guide in self.sparse_guides:
+            guide.ssvi_step.add_(1)
         return loss
+
+    def _setup(self, *args, **kwargs):
+        if all(g.is_setup for g in self.sparse_guides):
+            return
+        if self.guide is self.sparse_guides[0]:
+            self.guide.setup(*args, **kwargs)
+        else:  # a guide list sets its parts up on its first call
+            with poutine.block():
+                self.guide(*args, **kwargs)
+        missing = [type(g).__name__ for g in self.sparse_guides if not g.is_setup]
+        if missing:
+            raise RuntimeError("guide: a SparseSubspaceGuide part was not set up by calling the guide list once")
+        counts = {int(g.ssvi_step) for g in self.sparse_guides}
+        if len(counts) > 1:
+            raise ValueError(f"guide: the sparse parts disagree on ssvi_step ({sorted(counts)}); load them from one checkpoint")
+
+    def _sparse_sites(self):
+        """``(part, site name)`` for every sparse site of every sparse part."""
+        return [(g, name) for g in self.sparse_guides for name in g.sparse_site_names()]
 
     def _after_optimizer_step(self):
         """With ``optimizer_reset="fresh"``, refilled slots under Adam step like a fresh Adam."""
@@ -188,31 +266,44 @@ class SSVI:
         groups = adam_param_groups(self.optim)
         if not groups:
             return
-        guide = self.guide
-        for name in guide.sparse_site_names():
+        for guide, name in self._sparse_sites():
             params = (guide.loc(name), guide.unconstrained_scale(name))
             fresh_adam_correction(self.optim, params, guide.entry_births(name), groups)
 
+    def differentiable_loss(self, *args, **kwargs):
+        """The loss SSVI optimises, as a differentiable tensor, without a step or update.
+
+        The same model SSVI trains: priors restricted to the active sets, local
+        reparameterisation and batched layers (vectorised particles) as configured.
+        """
+        with self._guard(self.step_count + 1):
+            self._setup(*args, **kwargs)
+        with self._context():
+            return self.loss.differentiable_loss(self._model, self.guide, *args, **kwargs)
+
     def evaluate_loss(self, *args, **kwargs):
         """The loss on ``args`` without a gradient step or update."""
-        self.guide.setup(*args, **kwargs)
+        self._setup(*args, **kwargs)
         with torch.no_grad(), self._context():
             return float(self.loss.loss(self._model, self.guide, *args, **kwargs))
 
     def _non_finite_sites(self):
         bad = []
-        if self.guide._sites is None:
-            return bad
-        for name in self.guide.site_names:
-            for what, p in (("loc", self.guide.loc(name)), ("scale", self.guide.unconstrained_scale(name))):
-                if not torch.isfinite(p).all():
-                    bad.append(f"{name} ({what})")
-                elif p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad.append(f"{name} ({what} gradient)")
-            with torch.no_grad():
-                if torch.isfinite(self.guide.unconstrained_scale(name)).all() and not (self.guide.scale(name) > 0).all():
-                    bad.append(f"{name} (scale underflowed to 0)")
-        return bad
+        for guide in self.sparse_guides:
+            if not guide.is_setup:
+                continue
+            for name in guide.site_names:
+                for what, p in (("loc", guide.loc(name)), ("scale", guide.unconstrained_scale(name))):
+                    if not torch.isfinite(p).all():
+                        bad.append(f"{name} ({what})")
+                    elif p.grad is not None and not torch.isfinite(p.grad).all():
+                        bad.append(f"{name} ({what} gradient)")
+                with torch.no_grad():
+                    if torch.isfinite(guide.unconstrained_scale(name)).all() and not (guide.scale(name) > 0).all():
+                        bad.append(f"{name} (scale underflowed to 0)")
+        known = {id(p) for g in self.sparse_guides for p in g.parameters()}
+        other = [n for n, p in self.guide.named_parameters() if id(p) not in known and not torch.isfinite(p).all()]
+        return bad + [f"{n} (other guide part)" for n in other]
 
     def _fail(self, t, what, cause=None):
         bad = self._non_finite_sites()
@@ -223,7 +314,11 @@ class SSVI:
         ) from cause
 
     def _check_finite(self, loss, t):
-        if not math.isfinite(loss):
+        if isinstance(self.loss, TraceTailAdaptive_ELBO):
+            # it computes only a surrogate and reports the loss as inf (as under pyro.infer.SVI)
+            if self._non_finite_sites():
+                self._fail(t, "a gradient is not finite")
+        elif not math.isfinite(loss):
             self._fail(t, f"the loss is {loss}")
 
     @contextlib.contextmanager
@@ -238,9 +333,8 @@ class SSVI:
 
     @torch.no_grad()
     def _update(self, t, grads):
-        guide = self.guide
         record = {"step": t, "fraction": self.schedule.fraction(t), "scheduled": {}, "swapped": {}, "abs_mean_overlap": {}}
-        for name in guide.sparse_site_names():
+        for guide, name in self._sparse_sites():
             info = guide.site_info(name)
             n = self.schedule.num_swaps(info.k, t)
             record["scheduled"][name] = n
