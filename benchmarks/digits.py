@@ -54,7 +54,7 @@ def make_net(arch, num_classes):
         nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, num_classes),
+        nn.Flatten(-3), nn.Linear(32 * 4 * 4, num_classes),  # flatten C, H, W only: works with particle dims too
     )
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide, AutoGuideList
-from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.nn import PyroModule
 
 from .distributions import SparseNormal, factorised_base
@@ -42,6 +42,8 @@ def init_to_normal(site=None, std=0.01):
     """Initialise each site's mean at ``N(0, std^2)`` (the reference recipe: std 0.01)."""
     if site is None:
         return functools.partial(init_to_normal, std=std)
+    if not _is_real(site["fn"].support):  # not ours to fit; a feasible value lets set-up reach the check
+        return init_to_feasible(site)
     proto = site["fn"].sample().detach()
     return torch.randn_like(proto) * std
 

@@ -38,6 +38,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance, track_provenance
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.reentrant_messenger import ReentrantMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
@@ -128,6 +129,12 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(isinstance(a, ProvenanceTensor) for a in itertools.chain(args, kwargs.values())):
+            # TraceGraph_ELBO tags values of non-reparameterisable sites: look through the tags,
+            # and tag the result with their union, as ProvenanceTensor itself does
+            plain_args, plain_kwargs = detach_provenance([args, kwargs])
+            out = self.__torch_function__(func, types, plain_args, plain_kwargs)
+            return track_provenance(out, get_provenance([args, kwargs]))
         owner = self.owner
         if owner._by_id:
             names = _SIGNATURES.get(func)

@@ -1,8 +1,17 @@
+import os
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro.nn import PyroModule, PyroSample
+
+
+def pytest_configure(config):
+    """``PYRO_SSVI_TEST_DEVICE=cuda pytest`` runs the suite with tensors created on that device by default."""
+    device = os.environ.get("PYRO_SSVI_TEST_DEVICE")
+    if device:
+        torch.set_default_device(device)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +51,7 @@ def digits():
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     perm = torch.randperm(len(X), generator=g)
     X, y = X[perm], y[perm]
     return X[:1400], y[:1400], X[1400:], y[1400:]

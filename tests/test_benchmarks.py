@@ -84,8 +84,19 @@ def test_exploration_benchmark(tmp_path):
 @pytest.mark.parametrize(
     "script, flag",
     [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
-     ("exploration.py", "--steps=0")],
+     ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg")],
 )
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and flag.split("=")[0] in res.stderr
+
+
+def test_particles_benchmark(tmp_path):
+    run("particles.py", "--particles", "2", "--warmup", "1", "--blocks", "2", "--steps-per-block", "1", "--batch-size", "16", tmp_path=tmp_path)
+    md, payload = outputs(tmp_path, "particles")
+    runs = payload["results"]
+    assert [(r["arch"], r["lrt"]) for r in runs] == [("mlp", False), ("mlp", True), ("cnn", False), ("cnn", True)]
+    for r in runs:
+        assert r["sequential_seconds"] > 0 and r["vectorised_seconds"] > 0 and r["steps_timed"] == 2
+        assert abs(r["ratio"] - r["vectorised_seconds"] / r["sequential_seconds"]) < 1e-12
+    assert "target 0.5x" in md

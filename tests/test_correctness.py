@@ -46,7 +46,7 @@ def fit(x, y, density, steps=4000, **kwargs):
 
 
 def regression_data(n=60, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     w = torch.randn(d, generator=g)
     return x, x @ w + NOISE * torch.randn(n, generator=g)
@@ -72,7 +72,7 @@ def test_linear_regression_matches_exact_mean_field_solution(density):
 
 
 def sparse_problem(seed=0, n=200, d=200, nonzero=10):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     support = torch.randperm(d, generator=g)[:nonzero]
     w = torch.zeros(d)

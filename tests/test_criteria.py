@@ -99,6 +99,6 @@ def test_addition_scores():
     grad = torch.tensor([0.5, -3.0, 0.1])
     cand = torch.tensor([True, True, False])
     assert torch.equal(criteria.GradientAddition()(grad, cand), grad.abs())
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     r = criteria.RandomAddition(g)(None, cand)
     assert r.shape == cand.shape and ((r >= 0) & (r < 1)).all()

@@ -42,7 +42,7 @@ class Net(PyroModule):
 
 
 def _data(n=40):
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     return torch.randn(n, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 

@@ -11,7 +11,7 @@ from pyro_ssvi.distributions import factorised_base
 
 
 def make(shape=(6, 5), k=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     numel = math.prod(shape)
     index = torch.randperm(numel, generator=g)[:k]
     loc = torch.randn(k, generator=g)

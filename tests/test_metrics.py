@@ -32,7 +32,7 @@ def test_ece_by_hand():
 
 
 def test_ece_of_a_calibrated_predictor_is_small():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     n = 20000
     conf = torch.rand(n, generator=g) * 0.5 + 0.5
     correct = torch.rand(n, generator=g) < conf
@@ -52,7 +52,7 @@ def test_entropy_and_mutual_information():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_ood_metrics_match_scikit_learn(ties):
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     s_in = torch.randn(300, generator=g)
     s_out = torch.randn(200, generator=g) + 1.0
     if ties:
@@ -122,7 +122,7 @@ def _direct_selective(probs, y, coverages):
 def test_selective_prediction_matches_a_direct_computation():
     from pyro_ssvi.metrics import aurc, selective_accuracy, selective_metrics
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     probs = torch.softmax(2 * torch.randn(203, 5, generator=g), -1)
     probs[10:20] = probs[10]  # ties in confidence: broken by input order
     y = torch.randint(0, 5, (203,), generator=g)
@@ -145,7 +145,7 @@ def test_selective_prediction_matches_a_direct_computation():
 def test_ood_report_has_mutual_information_only_with_several_draws():
     from pyro_ssvi.metrics import ood_report
 
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     inside = torch.softmax(4 * torch.randn(6, 50, 3, generator=g), -1)
     outside = torch.softmax(0.3 * torch.randn(6, 40, 3, generator=g), -1)
     rep = ood_report(inside, outside)

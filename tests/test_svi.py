@@ -270,7 +270,7 @@ def test_dense_grad_hook_sees_and_replaces_the_gradient(digits):
 def test_fresh_adam_correction_makes_a_refilled_slot_a_fresh_adam(cls, kwargs):
     from pyro_ssvi import fresh_adam_correction
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     grads = torch.randn(40, 5, generator=g)
     p = torch.nn.Parameter(torch.randn(5, generator=g))
     opt = cls([p], lr=0.05, **kwargs)
