@@ -13,6 +13,7 @@
       guide = SparseSubspaceGuide(model, density=0.1, dense_sites=model.dense_sites)
 """
 
+import copy
 import fnmatch
 
 import pyro
@@ -34,10 +35,12 @@ def _matches(name, patterns):
 
 
 def _make_prior(prior, name, shape):
+    """``(prior of the site, the scalar prior it expands or None)``."""
     fn = prior(name, shape) if callable(prior) and not isinstance(prior, torch.distributions.Distribution) else prior
     if not isinstance(fn, torch.distributions.Distribution):
         raise ValueError(f"prior: expected a Pyro distribution or a callable (name, shape) -> distribution, got {fn!r} for {name!r}")
-    if fn.batch_shape == () and fn.event_shape == ():
+    scalar = fn if fn.batch_shape == () and fn.event_shape == () else None
+    if scalar is not None:
         fn = fn.expand(shape)
     if tuple(fn.batch_shape) == tuple(shape) and fn.event_shape == ():
         fn = fn.to_event(len(shape))
@@ -48,7 +51,60 @@ def _make_prior(prior, name, shape):
         )
     if factorised_base(fn) is None:
         raise ValueError(f"prior: the prior for {name!r} is not factorised over coordinates")
-    return fn
+    return fn, scalar
+
+
+def distribution_to(fn, device, dtype=None):
+    """A copy of the distribution ``fn`` with every tensor parameter on ``device`` (floating ones in ``dtype``).
+
+    Torch distributions have no ``.to()``; this copies ``fn`` and moves the tensors (and nested
+    distributions: ``Independent``'s base, ``MixtureSameFamily``'s parts, ``StudentT``'s chi2)
+    found in its attributes.
+    """
+    new = copy.copy(fn)
+    for key, value in vars(fn).items():
+        if torch.is_tensor(value):
+            new.__dict__[key] = value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
+        elif isinstance(value, torch.distributions.Distribution):
+            new.__dict__[key] = distribution_to(value, device, dtype)
+    return new
+
+
+#: non-persistent buffer on every module with a Bayesian weight: it follows ``module.to(device)``
+#: and tells the prior where to live
+_ANCHOR = "_prior_device_anchor"
+
+
+class DevicePrior:
+    """A ``PyroSample`` prior that follows its module's device and floating dtype.
+
+    A fixed distribution given to ``PyroSample`` keeps its tensors where they were made, so
+    ``model.to("cuda")`` would leave the prior, and every weight sampled from it, on the CPU.
+    This callable (``PyroSample`` calls it with the module) returns the prior on the device of
+    the module's anchor buffer, built once per device: a scalar prior is moved and then
+    expanded (no dense copy); any other prior is moved whole.
+    """
+
+    def __init__(self, fn, scalar=None, shape=None):
+        self.fn, self.scalar, self.shape = fn, scalar, shape
+        self._by_device = {}
+
+    def __call__(self, module):
+        anchor = getattr(module, _ANCHOR, None)
+        if anchor is None:
+            return self.fn
+        key = (anchor.device, anchor.dtype)
+        fn = self._by_device.get(key)
+        if fn is None:
+            if self.scalar is not None:
+                fn = distribution_to(self.scalar, *key).expand(self.shape).to_event(len(self.shape))
+            else:
+                fn = distribution_to(self.fn, *key)
+            self._by_device[key] = fn
+        return fn
+
+    def __getstate__(self):
+        return {"fn": self.fn, "scalar": self.scalar, "shape": self.shape, "_by_device": {}}
 
 
 def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
@@ -88,7 +144,11 @@ def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
     to_pyro_module_(net)
     for mod_name, pname, full, shape in chosen:
         module = net.get_submodule(mod_name) if mod_name else net
-        setattr(module, pname, PyroSample(_make_prior(prior, full, shape)))
+        fn, scalar = _make_prior(prior, full, shape)
+        if getattr(module, _ANCHOR, None) is None:
+            weight = getattr(module, pname)
+            module.register_buffer(_ANCHOR, torch.empty(0, device=weight.device, dtype=weight.dtype), persistent=False)
+        setattr(module, pname, PyroSample(DevicePrior(fn, scalar, shape if scalar is not None else None)))
     net.bayesian_sites = tuple(full for _, _, full, _ in chosen)
     return net
 

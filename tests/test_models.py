@@ -174,3 +174,24 @@ def test_recalibrate_batchnorm_uses_the_posterior_mean():
     conv_out = torch.nn.functional.conv2d(x, guide.median()["net.conv1.weight"], padding=1)
     torch.testing.assert_close(bn.running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert bn.momentum == 0.1 and model.training
+
+
+def test_priors_follow_the_model_to_its_device_and_dtype():
+    """model.to(device) moves the priors too (a fixed PyroSample distribution would stay on the CPU)."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_ssvi import cifar_resnet18
+    from pyro_ssvi.models import BayesianClassifier, bayesianize
+
+    model = cifar_resnet18(num_classes=10, width=4).to("meta")
+    x, y = torch.empty(2, 3, 8, 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    with pyro.validation_enabled(False):  # validation reads values, which meta tensors have none of
+        tr = pyro.poutine.trace(model).get_trace(x, y)
+    weights = [n for n, site in tr.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
+    assert weights and all(tr.nodes[n]["value"].device.type == "meta" for n in weights)
+    assert not any("anchor" in k for k in model.state_dict())  # checkpoints are unchanged
+    prior = dist.MixtureSameFamily(dist.Categorical(torch.tensor([0.5, 0.5])), dist.StudentT(3.0, torch.zeros(2), torch.tensor([0.1, 1.0])))
+    net = BayesianClassifier(bayesianize(torch.nn.Linear(3, 2), prior)).to(torch.float64)
+    tr = pyro.poutine.trace(net).get_trace(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    assert tr.nodes["net.weight"]["value"].dtype == torch.float64
