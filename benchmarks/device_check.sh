@@ -33,7 +33,7 @@ start=$(date +%s)
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 # -v streams one line per test, so a run cut short by its limit still says what failed
 PYRO_SSVI_TEST_DEVICE=cuda timeout "${SUITE_LIMIT:-210}" python3 -m pytest -v --tb=short -p no:cacheprovider $workers \
-    -W ignore::pytest.PytestWarning >"$out/suite.log" 2>&1
+    -p no:benchmark >"$out/suite.log" 2>&1
 echo "suite rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 grep -cE " PASSED" "$out/suite.log" | sed 's/^/passed lines: /' >>"$log"
 grep -E " (FAILED|ERROR) " "$out/suite.log" | sed 's/^\[gw[0-9]*\] *//' | sort | uniq | head -60 >>"$log"
