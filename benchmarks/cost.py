@@ -143,8 +143,11 @@ def report(args, runs):
     md = ["# Cost: dense VI (Pyro AutoNormal) vs SSVI\n"]
     md.append(
         f"Device: {args.device}. Seconds per step: median of {args.repeats} steps after {args.warmup} warm-up steps "
-        f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: peak RSS "
-        "of a fresh process per configuration (its growth during training in brackets). Guide bytes: parameters, "
+        f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: "
+        + ("torch.cuda.max_memory_allocated over the training steps (warm-up included), one fresh process per configuration (no growth figure). "
+           if args.device == "cuda" else
+           "peak RSS of a fresh process per configuration (its growth during training in brackets). ")
+        + "Guide bytes: parameters, "
         "index and birth buffers, Adam state. FLOPs: counted training FLOPs per step (forward + 2x backward, sparse layers scaled by density). Ratios are against "
         f"AutoNormal with the same sampling, measured in this run; the FLOP count amortises a gradient-based addition over "
         f"{args.flops_update_every} steps (the recipe's update period).\n"

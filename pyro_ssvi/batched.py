@@ -34,8 +34,11 @@ from pyro.poutine.reentrant_messenger import ReentrantMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from torch.overrides import TorchFunctionMode
 
-_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+#: the convolutions handled, with their number of spatial dims
+CONV_SPATIAL_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+#: their signature (positional order)
+CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV, _CONV_ARGS = CONV_SPATIAL_DIMS, CONV_ARGS
 _POOL = re.compile(r"^(max_pool|avg_pool|adaptive_avg_pool|adaptive_max_pool|lp_pool)([123])d(_with_indices)?$")
 _POOL_MODULES = ("torch.nn.functional", "torch._C._nn", "torch")
 _NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.GroupNorm)

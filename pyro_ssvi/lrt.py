@@ -46,18 +46,10 @@ from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import Independent, Normal
 from torch.overrides import TorchFunctionMode
 
+from .batched import CONV_ARGS, CONV_SPATIAL_DIMS
 from .distributions import SparseNormal
 
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_SIGNATURES = {
-    F.linear: ("input", "weight", "bias"),
-    F.conv1d: _CONV_ARGS,
-    F.conv2d: _CONV_ARGS,
-    F.conv3d: _CONV_ARGS,
-}
-
-
-_SPATIAL = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_SIGNATURES = {F.linear: ("input", "weight", "bias"), **{conv: CONV_ARGS for conv in CONV_SPATIAL_DIMS}}
 
 
 def _unexpand(t):
@@ -369,8 +361,8 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         mean = func(**{**call, "weight": mean_w})
         var = func(**{**call, "input": x * x, "weight": var_w, "bias": None})
         # particles (leading weight dims) each draw their own noise: y is (*broadcast(x, W) lead, out, ...)
-        core = 1 if func is F.linear else _SPATIAL[func] + 1  # (out,) or (out, *spatial)
-        wlead = weight.shape[: weight.dim() - (2 if func is F.linear else _SPATIAL[func] + 2)]
+        core = 1 if func is F.linear else CONV_SPATIAL_DIMS[func] + 1  # (out,) or (out, *spatial)
+        wlead = weight.shape[: weight.dim() - (2 if func is F.linear else CONV_SPATIAL_DIMS[func] + 2)]
         lead = torch.broadcast_shapes(mean.shape[: mean.dim() - core], wlead) if wlead else mean.shape[: mean.dim() - core]
         shape = lead + mean.shape[mean.dim() - core :]
         return mean.expand(shape) + torch.sqrt(var + self.eps).expand(shape) * torch.randn(shape, dtype=mean.dtype, device=mean.device)

@@ -12,6 +12,9 @@ def pytest_configure(config):
     device = os.environ.get("PYRO_SSVI_TEST_DEVICE")
     if device:
         torch.set_default_device(device)
+        # exactness tests compare kernels: no TF32 rounding in cuDNN convolutions or matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)

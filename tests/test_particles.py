@@ -125,11 +125,22 @@ def cnn():
     return BayesianClassifier(bayesianize(net, dist.Normal(0.0, 1.0)))
 
 
+def conv_nd(d):
+    """A bayesianized conv{d}d net: 16 / 4x4 / ... inputs of one channel, conv 1-3, flatten, linear."""
+    side = {1: 16, 3: 4}[d]
+    conv = {1: torch.nn.Conv1d, 3: torch.nn.Conv3d}[d]
+    net = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1,) + (side,) * d), conv(1, 3, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(-(d + 1)), torch.nn.Linear(3 * side**d, 3),
+    )
+    return BayesianClassifier(bayesianize(net, dist.Normal(0.0, 1.0)))
+
+
 def build(arch, guide_kind):
-    model = MLP() if arch == "mlp" else cnn()
-    if guide_kind == "sparse":  # a sparse site and a dense site (density 1) in one guide
-        dense = "fc1.bias" if arch == "mlp" else "net.1.weight"
-        return model, SparseSubspaceGuide(model, density={n: 0.4 for n in sites(arch)} | {dense: 1.0})
+    model = {"mlp": MLP, "cnn": cnn, "conv1d": lambda: conv_nd(1), "conv3d": lambda: conv_nd(3)}[arch]()
+    if guide_kind == "sparse":  # sparse sites and (where the net has one) a dense site in one guide
+        dense = {"mlp": {"fc1.bias": 1.0}, "cnn": {"net.1.weight": 1.0}}.get(arch, {})
+        return model, SparseSubspaceGuide(model, density={n: 0.4 for n in sites(arch)} | dense)
     guide = AutoGuideList(model)  # sparse sites and an AutoNormal site under our handlers
     guide.append(SparseSubspaceGuide(pyro.poutine.block(model, expose=list(sites(arch))), density=0.4))
     guide.append(AutoNormal(pyro.poutine.block(model, hide=list(sites(arch)))))
@@ -137,7 +148,10 @@ def build(arch, guide_kind):
 
 
 def sites(arch):
-    return ("fc1.weight", "fc2.weight") if arch == "mlp" else ("net.3.weight", "net.7.weight")
+    return {"mlp": ("fc1.weight", "fc2.weight"), "cnn": ("net.3.weight", "net.7.weight")}.get(arch, ("net.1.weight", "net.4.weight"))
+
+
+INPUTS = {"mlp": 6, "cnn": 36, "conv1d": 16, "conv3d": 64}
 
 
 @pytest.fixture
@@ -150,12 +164,15 @@ def float64():
     torch.set_default_dtype(old)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-@pytest.mark.parametrize("guide_kind", ["sparse", "list"])
-@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
-@pytest.mark.parametrize("lrt", [False, True])
+EQUALITY_CASES = [
+    (arch, guide_kind, elbo, lrt)
+    for arch in ("mlp", "cnn") for guide_kind in ("sparse", "list") for elbo in (Trace_ELBO, TraceMeanField_ELBO) for lrt in (False, True)
+] + [(arch, "sparse", Trace_ELBO, lrt) for arch in ("conv1d", "conv3d") for lrt in (False, True)]
+
+
+@pytest.mark.parametrize("arch,guide_kind,elbo,lrt", EQUALITY_CASES)
 def test_vectorised_loss_and_gradients_equal_the_mean_of_sequential_passes(monkeypatch, float64, arch, guide_kind, elbo, lrt):
-    x = torch.randn(10, 6 if arch == "mlp" else 36)
+    x = torch.randn(10, INPUTS[arch])
     y = torch.randint(0, 3, (10,))
     model, guide = build(arch, guide_kind)
     kw = dict(total_steps=10, local_reparameterization=lrt)
