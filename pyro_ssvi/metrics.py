@@ -97,7 +97,7 @@ def plot_reliability(probs, y, ax=None, n_bins=15, label=None):
     d = reliability_diagram(probs, y, n_bins)
     ax = ax or plt.gca()
     centers = (d["edges"][:-1] + d["edges"][1:]) / 2
-    ax.bar(centers.numpy(), torch.nan_to_num(d["accuracy"]).numpy(), width=1 / n_bins, alpha=0.6, edgecolor="k", label=label)
+    ax.bar(centers.cpu().numpy(), torch.nan_to_num(d["accuracy"]).cpu().numpy(), width=1 / n_bins, alpha=0.6, edgecolor="k", label=label)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
@@ -117,9 +117,9 @@ def plot_uncertainty_histograms(scores, ax=None, bins=30, xlabel="predictive ent
     present = [v for v in values.values() if v.numel()]
     lo = min(float(v.min()) for v in present) if present else 0.0
     hi = max(float(v.max()) for v in present) if present else 1.0
-    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1).numpy()  # shared bins over all sets
+    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1).cpu().numpy()  # shared bins over all sets
     for label, v in values.items():
-        ax.hist(v.numpy(), bins=edges, density=True, alpha=0.5, label=label)
+        ax.hist(v.detach().cpu().numpy(), bins=edges, density=True, alpha=0.5, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend()

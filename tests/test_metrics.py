@@ -58,7 +58,7 @@ def test_ood_metrics_match_scikit_learn(ties):
     if ties:
         s_in, s_out = s_in.round(), s_out.round()
     labels = np.r_[np.zeros(300), np.ones(200)]
-    scores = np.r_[s_in.numpy(), s_out.numpy()]
+    scores = np.r_[s_in.cpu().numpy(), s_out.cpu().numpy()]
     assert metrics.auroc(s_in, s_out) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert metrics.aupr(s_in, s_out) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
 
@@ -110,9 +110,9 @@ def test_mc_predict_in_batches_matches_shapes_and_mean_predict(digits):
 
 def _direct_selective(probs, y, coverages):
     """Selective accuracy and AURC by brute force: sort once, then count for every k."""
-    conf = probs.max(-1).values.numpy()
+    conf = probs.max(-1).values.cpu().numpy()
     order = np.argsort(-conf, kind="stable")
-    correct = (probs.argmax(-1) == y).numpy()[order]
+    correct = (probs.argmax(-1) == y).cpu().numpy()[order]
     n = len(correct)
     acc = {c: correct[: int(math.ceil(c * n))].mean() for c in coverages}
     risks = [1.0 - correct[:k].mean() for k in range(1, n + 1)]
