@@ -1,6 +1,5 @@
 """Vectorised particles and parallel Predictive: batched layers, exact equality with sequential passes."""
 
-
 import pyro
 import pyro.distributions as dist
 import pytest
