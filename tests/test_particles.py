@@ -140,8 +140,8 @@ def build(arch, guide_kind):
         dense = {"mlp": {"fc1.bias": 1.0}, "cnn": {"net.1.weight": 1.0}}.get(arch, {})
         return model, SparseSubspaceGuide(model, density={n: 0.4 for n in sites(arch)} | dense)
     guide = AutoGuideList(model)  # sparse sites and an AutoNormal site under our handlers
-    guide.append(SparseSubspaceGuide(pyro.poutine.block(model, expose=list(sites(arch))), density=0.4))
     guide.append(AutoNormal(pyro.poutine.block(model, hide=list(sites(arch)))))
+    guide.append(SparseSubspaceGuide(pyro.poutine.block(model, expose=list(sites(arch))), density=0.4))
     return model, guide
 
 
