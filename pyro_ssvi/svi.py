@@ -30,7 +30,8 @@ from pyro.infer.elbo import ELBO, ELBOModule
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
-from .criteria import get_addition, get_removal, needs_gradient
+from .criteria import RandomAddition, get_addition, get_removal, needs_gradient
+from .distributed import average_, broadcast_state, check_same_active_sets, is_distributed, shared_seed
 from .guide import inverse_scale_transform, sparse_parts
 from .batched import BatchedLayersMessenger
 from .handlers import DataGradientMessenger, SubspacePriorMessenger
@@ -113,6 +114,14 @@ class SSVI:
         the slot then steps exactly like a fresh Adam, its own bias correction included
         (:func:`~pyro_ssvi.fresh_adam_correction`). ``"zero"``: zeroed only; Adam's shared step
         count then makes the slot's first steps about 3x ``lr``.
+    :param process_group: a ``torch.distributed`` process group. When one is given, or the
+        default group is initialised, SSVI keeps every rank's subspace identical: it broadcasts
+        the guide (and model) state from rank 0 at set-up, averages the gradients over ranks
+        before each optimiser step, averages the dense gradients that ``addition="gradient"``
+        ranks by, seeds ``addition="random"`` alike on every rank, and after each update checks
+        that the active sets agree (:class:`~pyro_ssvi.distributed.SubspaceMismatchError` names
+        the site and ranks otherwise). Each rank passes its own shard of the data to ``step``.
+        A single process behaves exactly as without this argument.
     :param bool local_reparameterization: sample pre-activations instead of weights in
         ``F.linear``/``F.conv*`` (see :class:`pyro_ssvi.LocalReparameterizationMessenger`).
         Default ``False``: plain weight sampling, exactly what ``pyro.infer.SVI`` does.
@@ -136,6 +145,7 @@ class SSVI:
         dense_grad_hook=None,
         optimizer_reset="fresh",
         local_reparameterization=False,
+        process_group=None,
     ):
         self.sparse_guides = sparse_parts(guide)
         if not self.sparse_guides:
@@ -188,6 +198,9 @@ class SSVI:
             self._lrt = LocalReparameterizationMessenger()
         self._model = self._wrap(self._prior_model)
         self.history = []
+        self.process_group = process_group
+        self.distributed = is_distributed(process_group)
+        self._synced = False
 
     @property
     def step_count(self):
@@ -208,6 +221,8 @@ class SSVI:
         t = self.step_count + 1
         with self._guard(t):
             self._setup(*args, **kwargs)
+        if self.distributed and not self._synced:
+            self._sync_initial_state()
         sparse = [name for _, name in self._sparse_sites()]
         update = bool(sparse) and self.schedule.is_update_step(t)
         # on update steps the model is handed probed samples: the probes' gradient is the data term's
@@ -217,12 +232,15 @@ class SSVI:
             if isinstance(self.optim, PyroOptim):
                 with poutine.trace(param_only=True) as param_capture:
                     loss = self.loss.loss_and_grads(model, self.guide, *args, **kwargs)
-                params = set(site["value"].unconstrained() for site in param_capture.trace.nodes.values())
+                # in trace (name) order, so that every rank all-reduces the same tensors in the same order
+                params = list(dict.fromkeys(site["value"].unconstrained() for site in param_capture.trace.nodes.values()))
                 try:
                     self._check_finite(loss, t)
                 except NonFiniteLossError:
                     zero_grads(params)  # leave no stale gradient behind for a caller who goes on
                     raise
+                if self.distributed:
+                    average_([p.grad for p in params if p.grad is not None], self.process_group)
                 self.optim(params)
                 zero_grads(params)
                 self._after_optimizer_step()
@@ -232,6 +250,9 @@ class SSVI:
                 loss = loss_t.detach().item()
                 loss_t.backward()
                 self._check_finite(loss, t)
+                if self.distributed:
+                    grads = [p.grad for g in self.optim.param_groups for p in g["params"] if p.grad is not None]
+                    average_(grads, self.process_group)
                 self.optim.step()
                 self._after_optimizer_step()
         if update:
@@ -254,6 +275,19 @@ class SSVI:
         counts = {int(g.ssvi_step) for g in self.sparse_guides}
         if len(counts) > 1:
             raise ValueError(f"guide: the sparse parts disagree on ssvi_step ({sorted(counts)}); load them from one checkpoint")
+
+    def _sync_initial_state(self):
+        """Distributed set-up: rank 0's guide and model state everywhere; random addition seeded alike."""
+        broadcast_state(self.guide, self.process_group)
+        if isinstance(self.model, torch.nn.Module):
+            broadcast_state(self.model, self.process_group)
+        if isinstance(self.addition, RandomAddition) and self.addition.generator is None:
+            g, name = self._sparse_sites()[0] if self._sparse_sites() else (self.sparse_guides[0], None)
+            device = g.active_index(name).device if name is not None else torch.device("cpu")
+            generator = torch.Generator(device)
+            generator.manual_seed(shared_seed(device, self.process_group))
+            self.addition = RandomAddition(generator)
+        self._synced = True
 
     def _sparse_sites(self):
         """``(part, site name)`` for every sparse site of every sparse part."""
@@ -346,6 +380,8 @@ class SSVI:
             if not torch.is_tensor(scores) or scores.shape != loc.shape:
                 raise ValueError(f"removal: the criterion returned shape {getattr(scores, 'shape', None)} for site {name!r}, expected {tuple(loc.shape)}")
             grad = grads.get(name)
+            if grad is not None and self.distributed:
+                average_([grad], self.process_group)
             if grad is not None and self.dense_grad_hook is not None:
                 grad = self.dense_grad_hook(name, grad)
             if grad is None and needs_gradient(self.addition):
@@ -365,6 +401,8 @@ class SSVI:
             record["swapped"][name] = int(decision.positions.numel())
             record["abs_mean_overlap"][name] = overlap
         self.history.append(record)
+        if self.distributed:
+            check_same_active_sets({name: g.active_index(name) for g, name in self._sparse_sites()}, t, self.process_group)
 
     def replaced_fraction(self):
         """Entries that actually changed over entries scheduled to swap, over all updates so far.
