@@ -16,6 +16,16 @@ stop_updates_at 0.75, removal ``snr_abs``, addition ``gradient``, local reparame
 random crop (pad 4) and horizontal flip, training on all training images. ``--val-fraction F``
 holds out a validation split that is monitored each epoch; the test set is evaluated once, at
 the end, and never picks a checkpoint.
+
+Several processes (GPUs, or CPU processes with gloo) with PyTorch's launcher::
+
+    torchrun --nproc_per_node=4 examples/cifar_resnet.py --data-dir ./data --out cifar10.json --checkpoint ckpt.pt
+
+``--batch-size`` stays the global batch: each of the N ranks takes its 1/N of every batch of
+one shared, per-epoch shuffle. SSVI keeps the ranks' subspaces identical (see
+``pyro_ssvi.distributed``); the KL is weighted by the full training set; rank 0 alone prints,
+writes checkpoints and ``--out``; the test set is split across ranks and gathered. A
+checkpoint does not depend on the number of processes: one written by N resumes on M.
 """
 
 import argparse
@@ -30,11 +40,13 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from pyro_ssvi import SSVI, SparseSubspaceGuide
 from pyro_ssvi.cli import ArgumentParser, run_main
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes
+from pyro_ssvi.distributed import broadcast_state
 from pyro_ssvi.handlers import KLScaleMessenger
 from pyro_ssvi.metrics import (
     classification_metrics,
@@ -226,6 +238,33 @@ def predict(model, guide, x, prep, mc_samples, batch_size):
     return (torch.cat(mc_probs, dim=1) if mc_probs else None), torch.cat(mean_probs)
 
 
+def predict_sharded(model, guide, x, prep, mc_samples, batch_size, world):
+    """:func:`predict` with the images split across the ``world`` ranks and gathered in order."""
+    if world == 1:
+        return predict(model, guide, x, prep, mc_samples, batch_size)
+    part = torch.tensor_split(torch.arange(len(x)), world)[torch_dist.get_rank()]
+    mine = predict(model, guide, x[part.to(x.device)], prep, mc_samples, batch_size)
+    parts = [None] * world
+    torch_dist.all_gather_object(parts, mine)
+    mc = torch.cat([p[0] for p in parts], dim=1) if mine[0] is not None else None
+    return mc, torch.cat([p[1] for p in parts])
+
+
+def start_processes(args):
+    """``(rank, world, device)``; under torchrun (``WORLD_SIZE`` > 1) joins the process group:
+    nccl on CUDA (one GPU per local rank), gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if world == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group("nccl" if cuda else "gloo")
+    return torch_dist.get_rank(), world, device
+
+
 def report(prediction, y):
     """Classification and selective-prediction metrics of both predictives: ``{"mc"?, "posterior_mean"}``."""
     sample_probs, mean_probs = prediction
@@ -308,6 +347,8 @@ def build_parser():
     a("--checkpoint", default=None, help="save model, guide, optimiser, scheduler and SSVI state here each epoch (atomically)")
     a("--resume", action="store_true", help="continue from --checkpoint if it exists")
     a("--eval-only", action="store_true", help="evaluate the run saved in --checkpoint (finished or not) without training")
+    a("--stop-after", type=int, default=None, help="end this invocation after N epochs, with the checkpoint written and no "
+      "evaluation (for time-limited jobs: continue with --resume, on any number of processes)")
     a("--out", default=None, help="write the final metrics as JSON here")
     a("--plot", action="store_true", help="with --out: save a reliability diagram and an uncertainty histogram beside it")
     a("--ood", default="", help="comma-separated out-of-distribution test sets among svhn, cifar10, cifar100 (e.g. svhn,cifar100)")
@@ -354,6 +395,8 @@ def parse_args(argv):
         p.error(f"--val-fraction: expected a value in [0, 1), got {args.val_fraction}")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint PATH")
+    if args.stop_after is not None and (args.stop_after < 1 or not args.checkpoint):
+        p.error("--stop-after: expected a positive number of epochs, and --checkpoint PATH to continue from")
     if args.eval_only and not (args.checkpoint and os.path.exists(args.checkpoint)):
         p.error(f"--eval-only needs --checkpoint PATH of an existing checkpoint, got {args.checkpoint!r}")
     if args.plot and not args.out:
@@ -372,7 +415,19 @@ def parse_args(argv):
 # the run ---------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    rank, world, device = start_processes(args)
+    try:
+        return _main(args, rank, world, device)
+    finally:
+        if world > 1:
+            torch_dist.destroy_process_group()
+
+
+def _main(args, rank, world, device):
+    lead = rank == 0  # prints, checkpoints and --out come from rank 0 alone
+    say = print if lead else (lambda *a, **k: None)
+    if args.batch_size < world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be at least the {world} processes")
     # read and check a checkpoint before any data is loaded: a foreign one fails fast
     if args.eval_only:
         ckpt = load_checkpoint(args.checkpoint, args, device, flags=MODEL_FLAGS)
@@ -443,7 +498,7 @@ def main(argv=None):
                 raise UsageError(f"--checkpoint {args.checkpoint}: does not fit this run ({_first_line(e)})") from e
             start_epoch, elapsed, epochs_log = ckpt["epoch"] + 1, ckpt["seconds"], ckpt["log"]
             verb = "evaluating" if args.eval_only else "resumed from"
-            print(f"{verb} {args.checkpoint} after epoch {ckpt['epoch'] + 1}")
+            say(f"{verb} {args.checkpoint} after epoch {ckpt['epoch'] + 1}")
 
         def recalibrate():
             if args.bn_batches:
@@ -460,11 +515,17 @@ def main(argv=None):
         for epoch in range(start_epoch, start_epoch if args.eval_only else args.epochs):
             t0 = time.perf_counter()
             model.train()
-            perm = torch.randperm(n_train).to(device)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False)
+            # one shuffle per epoch, the same on every rank; each rank its own noise; both fixed by
+            # (seed, epoch, rank) alone, so a resumed run goes on as an uninterrupted one would
+            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)).to(device)
+            pyro.set_rng_seed(args.seed + 1_000_003 * (epoch + 1) + 7919 * rank)
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not lead, leave=False)
             loss_sum, correct, seen = 0.0, 0, 0
             for b in bar:
-                idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+                batch = perm[b * args.batch_size : (b + 1) * args.batch_size]
+                if len(batch) < world:  # a last batch smaller than the world: every rank still steps
+                    batch = batch.repeat(math.ceil(world / len(batch)))[:world]
+                idx = batch[rank::world]  # this rank's share of the global batch
                 xb, yb = prep(xtr[idx], train=True), ytr[idx]
                 kl.scale = args.kl_scale * min(2.0 * svi.step_count / total_steps, 1.0)
                 # divide the ELBO by N: mean cross-entropy + kl_scale * KL / N, the recipe's loss
@@ -475,21 +536,26 @@ def main(argv=None):
                 correct += (logits_seen["logits"].argmax(-1) == yb).sum().item()
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / seen:.3f}", density=f"{density:.3f}")
             scheduler.step()
+            if world > 1:  # the epoch's figures over all ranks
+                totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+                torch_dist.all_reduce(totals)
+                loss_sum, correct, seen = totals[0].item() / world, int(totals[1]), int(totals[2])
+                broadcast_state(model)  # batch-norm statistics: rank 0's, for validation and checkpoints
             row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "train_accuracy": correct / seen}
             val_text = ""
             if n_val:
                 recalibrate()
-                val = evaluate(model, guide, xval, yval, prep, 0, 512)["posterior_mean"]
+                val = report(predict_sharded(model, guide, xval, prep, 0, 512, world), yval)["posterior_mean"]
                 row.update(val_accuracy=val["accuracy"], val_nll=val["nll"])
                 val_text = f"val acc {row['val_accuracy']:.4f}  val NLL {row['val_nll']:.4f}  "
             elapsed += time.perf_counter() - t0
             row.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
             epochs_log.append(row)
-            print(
+            say(
                 f"epoch {row['epoch']:>3}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
                 f"{val_text}density {density:.4f}  lr {row['lr']:.5f}  {row['seconds']:.1f}s"
             )
-            if args.checkpoint:
+            if args.checkpoint and lead:
                 save_atomic(
                     {
                         "model": model.state_dict(),
@@ -505,12 +571,18 @@ def main(argv=None):
                     },
                     args.checkpoint,
                 )
+            if args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
+                say(f"stopped after epoch {epoch + 1}; continue with --resume --checkpoint {args.checkpoint}")
+                hook.remove()
+                return {"stopped_after_epoch": epoch + 1, "processes": world}
         hook.remove()
-        pyro.set_rng_seed(args.seed)  # the evaluation's draws do not depend on how training got here
+        pyro.set_rng_seed(args.seed + 7919 * rank)  # the evaluation's draws do not depend on how training got here
+        if world > 1:
+            broadcast_state(model)
         recalibrate()
-        test_prediction = predict(model, guide, xte, prep, args.mc_samples, 256)
+        test_prediction = predict_sharded(model, guide, xte, prep, args.mc_samples, 256, world)
         test = report(test_prediction, yte)
-        ood_predictions = {name: predict(model, guide, x, prep, args.mc_samples, 256) for name, x in ood_x.items()}
+        ood_predictions = {name: predict_sharded(model, guide, x, prep, args.mc_samples, 256, world) for name, x in ood_x.items()}
         flops = flops_report(
             model,
             guide,
@@ -520,6 +592,7 @@ def main(argv=None):
             gradient_addition=args.addition == "gradient" and args.density < 1,
         )
     result = {
+        "processes": world,
         "dataset": args.dataset,
         "density": density,
         "active_params": guide.active_params,
@@ -542,20 +615,20 @@ def main(argv=None):
         result[f"test_{metric}"] = {kind: test[kind][metric] for kind in ("mc", "posterior_mean") if kind in test}
     result["ood"] = {name: ood_results(test_prediction, pred) for name, pred in ood_predictions.items()}
     kind = "mc" if args.mc_samples else "posterior_mean"
-    print(
+    say(
         "test: "
         + "  ".join(f"{k[5:]} {v[kind]:.4f}" for k, v in result.items() if k.startswith("test_"))
         + f"  ({kind.replace('_', ' ')}{f', {args.mc_samples} samples' if args.mc_samples else ''})  "
         f"active {guide.active_params}/{guide.dense_params}"
     )
     for name, res in result["ood"].items():
-        print(f"OOD {name}: " + "  ".join(f"{score} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} FPR95 {m['fpr95']:.4f}" for score, m in res[kind].items()))
-    if args.out:
+        say(f"OOD {name}: " + "  ".join(f"{score} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} FPR95 {m['fpr95']:.4f}" for score, m in res[kind].items()))
+    if args.out and lead:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         if args.plot:
             for path in save_plots(args.out, test_prediction, yte, ood_predictions):
-                print(f"plot: {path}")
+                say(f"plot: {path}")
     return result
 
 

@@ -73,6 +73,17 @@ def check_loss(loss):
         )
 
 
+class _CallModel(torch.nn.Module):
+    """A callable (SSVI's wrapped model) as a module, to stand in for an ELBOModule's model."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss of an SSVI step was NaN or infinite; no parameter was changed by that step."""
 
@@ -92,7 +103,9 @@ class SSVI:
     :param loss: a Pyro ELBO (``Trace_ELBO()``, ``TraceMeanField_ELBO()``, ``TraceGraph_ELBO()``,
         ``RenyiELBO()``, ``TraceTailAdaptive_ELBO(num_particles=P, vectorize_particles=True)``), with
         ``num_particles`` sequential or vectorised, or the ``ELBOModule`` that ``elbo(model, guide)``
-        returns. The JIT ELBOs are refused: a compiled loss would keep the active set it was
+        returns, or ``DistributedDataParallel(elbo(model, guide))`` (Pyro's pattern with
+        ``pyro.settings.set(module_local_params=True)`` and a ``torch.optim`` optimiser; DDP then
+        averages the gradients). The JIT ELBOs are refused: a compiled loss would keep the active set it was
         traced with.
     :param int total_steps: ``T``, the number of steps the run will take.
     :param int update_every: ``DeltaT`` (default 100).
@@ -105,10 +118,8 @@ class SSVI:
     :param new_scale: ``"mean"`` (default: the site's mean ``rho`` over its active entries,
         as the reference code) or a positive float, the new entries' standard deviation.
     :param callable dense_grad_hook: optional ``(site, grad) -> grad`` applied to each site's dense
-        gradient before ``addition`` ranks candidates. Under ``torch.distributed`` pass one that
-        all-reduces it, e.g. ``lambda name, g: (dist.all_reduce(g), g)[1]``, so every rank makes
-        the same swap (removal scores come from parameters, which stay in sync, and
-        ``addition="random"`` draws from the global RNG: seed ranks alike).
+        gradient before ``addition`` ranks candidates (under ``torch.distributed`` it receives the
+        gradient already averaged over ranks).
     :param str optimizer_reset: what a refilled slot's optimiser state becomes. ``"fresh"``
         (default): zeroed, and with ``torch.optim.Adam`` / ``AdamW`` (also through ``pyro.optim``)
         the slot then steps exactly like a fresh Adam, its own bias correction included
@@ -158,6 +169,16 @@ class SSVI:
             raise ValueError(
                 f"guide: expected a SparseSubspaceGuide or an AutoGuideList holding one, got {type(guide).__name__}"
             )
+        self._ddp = None
+        if isinstance(loss, torch.nn.parallel.DistributedDataParallel):
+            if not isinstance(loss.module, ELBOModule):
+                raise ValueError(
+                    "loss: a DistributedDataParallel loss must wrap Pyro's ELBOModule, "
+                    f"DistributedDataParallel(Trace_ELBO()(model, guide)); it wraps {type(loss.module).__name__}"
+                )
+            if isinstance(optim, PyroOptim):
+                raise ValueError("optim: with a DistributedDataParallel loss pass a torch.optim optimiser over its parameters")
+            self._ddp, loss = loss, loss.module
         if isinstance(loss, ELBOModule):
             loss = loss.elbo
         if not isinstance(loss, ELBO):
@@ -246,11 +267,14 @@ class SSVI:
                 self._after_optimizer_step()
             else:
                 self.optim.zero_grad()
-                loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
+                if self._ddp is not None:  # through DDP's forward, so its reducer averages the gradients
+                    loss_t = self._ddp_loss(model, *args, **kwargs)
+                else:
+                    loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
                 loss = loss_t.detach().item()
                 loss_t.backward()
                 self._check_finite(loss, t)
-                if self.distributed:
+                if self.distributed and self._ddp is None:
                     grads = [p.grad for g in self.optim.param_groups for p in g["params"] if p.grad is not None]
                     average_(grads, self.process_group)
                 self.optim.step()
@@ -275,6 +299,16 @@ class SSVI:
         counts = {int(g.ssvi_step) for g in self.sparse_guides}
         if len(counts) > 1:
             raise ValueError(f"guide: the sparse parts disagree on ssvi_step ({sorted(counts)}); load them from one checkpoint")
+
+    def _ddp_loss(self, model, *args, **kwargs):
+        """``ddp(*args)``, with the ELBOModule running SSVI's wrapped model in place of the user's."""
+        elbo_module = self._ddp.module
+        original = elbo_module.model
+        elbo_module.model = _CallModel(model)
+        try:
+            return self._ddp(*args, **kwargs)
+        finally:
+            elbo_module.model = original
 
     def _sync_initial_state(self):
         """Distributed set-up: rank 0's guide and model state everywhere; random addition seeded alike."""

@@ -84,7 +84,8 @@ def test_exploration_benchmark(tmp_path):
 @pytest.mark.parametrize(
     "script, flag",
     [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
-     ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg")],
+     ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg"),
+     ("distributed.py", "--procs=0")],
 )
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
@@ -100,3 +101,12 @@ def test_particles_benchmark(tmp_path):
         assert r["sequential_seconds"] > 0 and r["vectorised_seconds"] > 0 and r["steps_timed"] == 2
         assert abs(r["ratio"] - r["vectorised_seconds"] / r["sequential_seconds"]) < 1e-12
     assert "target 0.5x" in md
+
+
+def test_distributed_benchmark(tmp_path):
+    run("distributed.py", "--images", "64", "--width", "4", "--epochs", "1", "--batch-size", "32", "--repeats", "1", tmp_path=tmp_path)
+    md, payload = outputs(tmp_path, "distributed")
+    runs = payload["results"]
+    assert sorted(r["processes"] for r in runs) == [1, 2]
+    assert all(r["images_per_second"] > 0 and r["seconds"] > 0 for r in runs)
+    assert "images / s" in md

@@ -155,7 +155,7 @@ def test_missing_cifar_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "--download" in lines[0] and "cifar10" in lines[0]
 
 
-@pytest.mark.parametrize("flag", [["--density", "0"], ["--epochs", "0"], ["--resume"], ["--val-fraction", "1.5"]])
+@pytest.mark.parametrize("flag", [["--density", "0"], ["--epochs", "0"], ["--resume"], ["--val-fraction", "1.5"], ["--stop-after", "0"]])
 def test_bad_flags(flag):
     res = run_cli(*flag)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "error" in res.stderr

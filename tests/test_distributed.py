@@ -12,16 +12,28 @@ WORLD = 2
 
 
 def _worker(rank, tmp, case):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        torch.save(train(rank, WORLD, case), f"{tmp}/rank{rank}.pt")
+    except Exception:
+        pathlib.Path(f"{tmp}/error{rank}.txt").write_text(traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+
+
+def train(rank, world, case):
+    """12 SSVI steps on this rank's share of a 64-example data set; returns guide state, history, losses."""
     import pyro
     import pyro.distributions as pdist
     from pyro.nn import PyroModule, PyroSample
 
     from pyro_ssvi import SSVI, SparseSubspaceGuide
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
-        pyro.set_rng_seed(100 + rank)  # ranks start different: SSVI must make them agree
+    # "trajectory": every rank (and the single process) draws the same weight noise: with weight
+    # sampling a draw does not depend on the batch, so the runs must agree step by step
+    pyro.set_rng_seed(100 if case == "trajectory" else 100 + rank)  # else ranks start different: SSVI makes them agree
+    if True:
 
         class Net(PyroModule):
             def __init__(self):
@@ -37,30 +49,33 @@ def _worker(rank, tmp, case):
                     pyro.sample("obs", pdist.Categorical(logits=logits), obs=y)
                 return logits
 
+        if case == "ddp":
+            pyro.settings.set(module_local_params=True)
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-        shard = slice(rank * 32, (rank + 1) * 32)  # each rank its own half of the data
+        shard = slice(rank * 64 // world, (rank + 1) * 64 // world)  # each rank its own share of the data
         model = Net()
         guide = SparseSubspaceGuide(model, density=0.3)
         addition = "random" if case == "random" else "gradient"
+        loss = pyro.infer.Trace_ELBO()
         if case == "torch_optim":
             guide(x[:2], y[:2])
             optim = torch.optim.Adam(list(guide.parameters()) + list(model.parameters()), lr=0.01)
+        elif case == "ddp":  # Pyro's own pattern: DDP around the ELBOModule, a torch optimiser
+            guide(x[:2], y[:2])
+            loss = torch.nn.parallel.DistributedDataParallel(pyro.infer.Trace_ELBO()(model, guide))
+            optim = torch.optim.Adam(loss.parameters(), lr=0.01)
         else:
             optim = pyro.optim.Adam({"lr": 0.01})
-        svi = SSVI(model, guide, optim, pyro.infer.Trace_ELBO(), total_steps=16, update_every=3, addition=addition,
-                   removal_fraction=0.5)
+        svi = SSVI(model, guide, optim, loss, total_steps=16, update_every=3, addition=addition, removal_fraction=0.5)
+        losses = []
         for step in range(12):
             if case == "desync" and rank == 1 and step == 5:  # test-only: rank 1's active set drifts
                 index = guide.active_index("fc2.weight")
                 index[0] = next(i for i in range(48) if i not in set(index.tolist()))
-            svi.step(x[shard], y[shard])
+            losses.append(svi.step(x[shard], y[shard]))
         state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-        torch.save({"state": state, "history": svi.history}, f"{tmp}/rank{rank}.pt")
-    except Exception:
-        pathlib.Path(f"{tmp}/error{rank}.txt").write_text(traceback.format_exc())
-    finally:
-        dist.destroy_process_group()
+        return {"state": state, "history": svi.history, "losses": losses}
 
 
 def run(tmp_path, case):
@@ -73,7 +88,7 @@ def run(tmp_path, case):
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 
-@pytest.mark.parametrize("case", ["pyro_optim", "torch_optim", "random"])
+@pytest.mark.parametrize("case", ["pyro_optim", "torch_optim", "ddp", "random", "trajectory"])
 def test_ranks_keep_identical_guides_through_updates(tmp_path, case):
     results, errors = run(tmp_path, case)
     assert not errors, errors
@@ -91,3 +106,22 @@ def test_a_desynchronised_active_set_is_detected_and_named(tmp_path):
     assert set(errors) == {0, 1} and not results
     for text in errors.values():
         assert "SubspaceMismatchError: step 6: the active set of site 'fc2.weight' differs between ranks [0] vs [1]" in text
+
+
+def test_two_processes_follow_the_single_process_trajectory(tmp_path):
+    """Same global batch, same weight noise: the mean of the ranks' losses is the one-process loss at every step."""
+    results, errors = run(tmp_path, "trajectory")
+    assert not errors, errors
+    import pyro
+
+    pyro.clear_param_store()
+    single = train(0, 1, "trajectory")
+    two = [(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"])]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-4)
+    assert [h["swapped"] for h in results[0]["history"]] == [h["swapped"] for h in single["history"]]
+    for key, value in single["state"].items():
+        if not value.is_floating_point():  # active sets and births: exactly
+            assert torch.equal(results[0]["state"][key], value), key
+        else:  # Adam moves a parameter by at most about lr (0.01) a step, however small its gradient:
+            # float summation-order differences can flip a near-zero gradient's step, no more
+            torch.testing.assert_close(results[0]["state"][key], value, rtol=0, atol=0.01)
