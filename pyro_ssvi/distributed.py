@@ -38,11 +38,18 @@ def broadcast_state(module, process_group=None, src=0):
 
 
 def average_(tensors, process_group=None):
-    """All-reduce ``tensors`` in place to their mean over ranks."""
+    """All-reduce ``tensors`` in place to their mean over ranks: one all-reduce per dtype and
+    device, over the tensors flattened into one buffer (as DDP's gradient buckets do)."""
     w = world_size(process_group)
+    groups = {}
     for t in tensors:
-        dist.all_reduce(t, group=process_group)
-        t.div_(w)
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, group=process_group)
+        flat.div_(w)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
     return tensors
 
 
