@@ -85,7 +85,7 @@ def test_exploration_benchmark(tmp_path):
     "script, flag",
     [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
      ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg"),
-     ("distributed.py", "--procs=0")],
+     ("distributed.py", "--procs=0"), ("sparse_kernels.py", "--densities=2")],
 )
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
@@ -110,3 +110,12 @@ def test_distributed_benchmark(tmp_path):
     assert sorted(r["processes"] for r in runs) == [1, 2]
     assert all(r["images_per_second"] > 0 and r["seconds"] > 0 for r in runs)
     assert "images / s" in md
+
+
+def test_sparse_kernels_benchmark(tmp_path):
+    run("sparse_kernels.py", "--widths", "64", "--densities", "0.1,0.5", "--repeats", "1", "--blocks", "1", tmp_path=tmp_path)
+    md, payload = outputs(tmp_path, "sparse_kernels")
+    rows = payload["results"]
+    assert [(r["width"], r["density"]) for r in rows] == [(64, 0.1), (64, 0.5)]
+    assert all(r["max_relative_error"] < 1e-5 for r in rows)  # the CSR path computes what the dense one does
+    assert "Crossover" in md
