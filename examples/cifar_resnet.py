@@ -119,13 +119,13 @@ def synthetic_cifar(n_train=512, n_test=256, num_classes=10, seed=0):
     Templates are random 4x4 colour patterns upsampled to 32x32, so crops and flips keep
     most of the class signal.
     """
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    g = torch.Generator("cpu").manual_seed(seed)  # data are made on the CPU, whatever the default device
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g, device="cpu")
     templates = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False) * 255
 
     def make(n):
-        y = torch.randint(0, num_classes, (n,), generator=g)
-        x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=g) * 255
+        y = torch.randint(0, num_classes, (n,), generator=g, device="cpu")
+        x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=g, device="cpu") * 255
         return x.to(torch.uint8), y
 
     return make(n_train), make(n_test)
@@ -517,7 +517,8 @@ def _main(args, rank, world, device):
             model.train()
             # one shuffle per epoch, the same on every rank; each rank its own noise; both fixed by
             # (seed, epoch, rank) alone, so a resumed run goes on as an uninterrupted one would
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)).to(device)
+            shuffle = torch.Generator("cpu").manual_seed(args.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n_train, generator=shuffle, device="cpu").to(device)
             pyro.set_rng_seed(args.seed + 1_000_003 * (epoch + 1) + 7919 * rank)
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not lead, leave=False)
             loss_sum, correct, seen = 0.0, 0, 0

@@ -49,7 +49,7 @@ def load_digits_split(seed=0, test_fraction=0.2):
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(X), generator=torch.Generator("cpu").manual_seed(seed), device="cpu")
     n_test = int(round(test_fraction * len(X)))
     test, train = perm[:n_test], perm[n_test:]
     return X[train], y[train], X[test], y[test]
