@@ -25,14 +25,14 @@ echo "cifar rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 
 echo "== benchmarks/cost.py --device cuda" >>"$log"
 start=$(date +%s)
-timeout "${COST_LIMIT:-150}" python3 benchmarks/cost.py --device cuda --repeats 5 --results-dir "$out" >>"$log" 2>&1
+timeout "${COST_LIMIT:-120}" python3 benchmarks/cost.py --device cuda --models resnet18 --repeats 5 --results-dir "$out" >>"$log" 2>&1
 echo "cost rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 
 echo "== pytest with PYRO_SSVI_TEST_DEVICE=cuda" >>"$log"
 start=$(date +%s)
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 # -v streams one line per test, so a run cut short by its limit still says what failed
-PYRO_SSVI_TEST_DEVICE=cuda timeout "${SUITE_LIMIT:-210}" python3 -m pytest -v --tb=short -p no:cacheprovider $workers \
+PYRO_SSVI_TEST_DEVICE=cuda timeout "${SUITE_LIMIT:-300}" python3 -m pytest -v --tb=short -p no:cacheprovider $workers \
     -p no:benchmark >"$out/suite.log" 2>&1
 echo "suite rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 grep -cE " PASSED" "$out/suite.log" | sed 's/^/passed lines: /' >>"$log"
