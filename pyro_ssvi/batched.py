@@ -38,7 +38,6 @@ from torch.overrides import TorchFunctionMode
 CONV_SPATIAL_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 #: their signature (positional order)
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV, _CONV_ARGS = CONV_SPATIAL_DIMS, CONV_ARGS
 _POOL = re.compile(r"^(max_pool|avg_pool|adaptive_avg_pool|adaptive_max_pool|lp_pool)([123])d(_with_indices)?$")
 _POOL_MODULES = ("torch.nn.functional", "torch._C._nn", "torch")
 _NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.GroupNorm)
@@ -75,7 +74,7 @@ def batched_conv(conv, input, weight, bias=None, stride=1, padding=0, dilation=1
         >>> batched_conv(F.conv2d, x, w, padding=1).shape
         torch.Size([3, 6, 4, 8, 8])
     """
-    d = _CONV[conv]
+    d = CONV_SPATIAL_DIMS[conv]
     core_x, core_w = d + 1, d + 2
     if input.dim() < core_x + 1:
         raise ValueError(f"{conv.__name__}: a batched weight needs a batched input (N, C, ...), got shape {tuple(input.shape)}")
@@ -154,10 +153,10 @@ class _Mode(TorchFunctionMode):
             if w.dim() > 2 or (b is not None and b.dim() > 1):
                 self.owner.batched_calls += 1
                 return batched_linear(call["input"], _align(w, 2), _align(b, 1))
-        elif func in _CONV:
-            call = dict(zip(_CONV_ARGS, args), **kwargs)
+        elif func in CONV_SPATIAL_DIMS:
+            call = dict(zip(CONV_ARGS, args), **kwargs)
             x, w, b = call["input"], call["weight"], call.get("bias")
-            d = _CONV[func]
+            d = CONV_SPATIAL_DIMS[func]
             if x.dim() > d + 2 or w.dim() > d + 2 or (b is not None and b.dim() > 1):
                 self.owner.batched_calls += 1
                 call.update(conv=func, weight=_align(w, d + 2), bias=_align(b, 1))

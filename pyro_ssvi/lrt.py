@@ -361,9 +361,8 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         mean = func(**{**call, "weight": mean_w})
         var = func(**{**call, "input": x * x, "weight": var_w, "bias": None})
         # particles (leading weight dims) each draw their own noise: y is (*broadcast(x, W) lead, out, ...)
-        core = 1 if func is F.linear else CONV_SPATIAL_DIMS[func] + 1  # (out,) or (out, *spatial)
-        wlead = weight.shape[: weight.dim() - (2 if func is F.linear else CONV_SPATIAL_DIMS[func] + 2)]
-        lead = torch.broadcast_shapes(mean.shape[: mean.dim() - core], wlead) if wlead else mean.shape[: mean.dim() - core]
+        core = 1 if func is F.linear else CONV_SPATIAL_DIMS[func] + 1  # output (out, *spatial); weight has one dim more
+        lead = torch.broadcast_shapes(mean.shape[: mean.dim() - core], weight.shape[: weight.dim() - core - 1])
         shape = lead + mean.shape[mean.dim() - core :]
         return mean.expand(shape) + torch.sqrt(var + self.eps).expand(shape) * torch.randn(shape, dtype=mean.dtype, device=mean.device)
 

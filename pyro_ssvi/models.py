@@ -85,8 +85,8 @@ class DevicePrior:
     expanded (no dense copy); any other prior is moved whole.
     """
 
-    def __init__(self, fn, scalar=None, shape=None):
-        self.fn, self.scalar, self.shape = fn, scalar, shape
+    def __init__(self, fn, scalar=None):
+        self.fn, self.scalar = fn, scalar  # the site's prior; the scalar it expands, if it is one
         self._by_device = {}
 
     def __call__(self, module):
@@ -97,14 +97,15 @@ class DevicePrior:
         fn = self._by_device.get(key)
         if fn is None:
             if self.scalar is not None:
-                fn = distribution_to(self.scalar, *key).expand(self.shape).to_event(len(self.shape))
+                shape = self.fn.event_shape
+                fn = distribution_to(self.scalar, *key).expand(shape).to_event(len(shape))
             else:
                 fn = distribution_to(self.fn, *key)
             self._by_device[key] = fn
         return fn
 
     def __getstate__(self):
-        return {"fn": self.fn, "scalar": self.scalar, "shape": self.shape, "_by_device": {}}
+        return {"fn": self.fn, "scalar": self.scalar, "_by_device": {}}
 
 
 def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
@@ -148,7 +149,7 @@ def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
         if getattr(module, _ANCHOR, None) is None:
             weight = getattr(module, pname)
             module.register_buffer(_ANCHOR, torch.empty(0, device=weight.device, dtype=weight.dtype), persistent=False)
-        setattr(module, pname, PyroSample(DevicePrior(fn, scalar, shape if scalar is not None else None)))
+        setattr(module, pname, PyroSample(DevicePrior(fn, scalar)))
     net.bayesian_sites = tuple(full for _, _, full, _ in chosen)
     return net
 

@@ -293,8 +293,7 @@ class SSVI:
         else:  # a guide list sets its parts up on its first call
             with poutine.block():
                 self.guide(*args, **kwargs)
-        missing = [type(g).__name__ for g in self.sparse_guides if not g.is_setup]
-        if missing:
+        if not all(g.is_setup for g in self.sparse_guides):
             raise RuntimeError("guide: a SparseSubspaceGuide part was not set up by calling the guide list once")
         counts = {int(g.ssvi_step) for g in self.sparse_guides}
         if len(counts) > 1:
@@ -315,9 +314,10 @@ class SSVI:
         broadcast_state(self.guide, self.process_group)
         if isinstance(self.model, torch.nn.Module):
             broadcast_state(self.model, self.process_group)
-        if isinstance(self.addition, RandomAddition) and self.addition.generator is None:
-            g, name = self._sparse_sites()[0] if self._sparse_sites() else (self.sparse_guides[0], None)
-            device = g.active_index(name).device if name is not None else torch.device("cpu")
+        sites = self._sparse_sites()
+        if sites and isinstance(self.addition, RandomAddition) and self.addition.generator is None:
+            guide, name = sites[0]
+            device = guide.active_index(name).device  # where candidates are scored
             generator = torch.Generator(device)
             generator.manual_seed(shared_seed(device, self.process_group))
             self.addition = RandomAddition(generator)
@@ -402,6 +402,8 @@ class SSVI:
     @torch.no_grad()
     def _update(self, t, grads):
         record = {"step": t, "fraction": self.schedule.fraction(t), "scheduled": {}, "swapped": {}, "abs_mean_overlap": {}}
+        if self.distributed:  # one bucketed all-reduce, in site order (the same on every rank)
+            average_([grads[name] for _, name in self._sparse_sites() if name in grads], self.process_group)
         for guide, name in self._sparse_sites():
             info = guide.site_info(name)
             n = self.schedule.num_swaps(info.k, t)
@@ -414,8 +416,6 @@ class SSVI:
             if not torch.is_tensor(scores) or scores.shape != loc.shape:
                 raise ValueError(f"removal: the criterion returned shape {getattr(scores, 'shape', None)} for site {name!r}, expected {tuple(loc.shape)}")
             grad = grads.get(name)
-            if grad is not None and self.distributed:
-                average_([grad], self.process_group)
             if grad is not None and self.dense_grad_hook is not None:
                 grad = self.dense_grad_hook(name, grad)
             if grad is None and needs_gradient(self.addition):
