@@ -291,10 +291,6 @@ def ood_results(in_prediction, out_prediction):
     return {kind: ood_report(draws_in[kind], draws_out[kind]) for kind in draws_in}
 
 
-def evaluate(model, guide, x, y, prep, mc_samples, batch_size):
-    return report(predict(model, guide, x, prep, mc_samples, batch_size), y)
-
-
 def save_plots(out_path, test_prediction, y, ood_predictions):
     """``<out>-reliability.png`` and ``<out>-uncertainty.png`` beside the JSON; returns their paths."""
     import matplotlib
