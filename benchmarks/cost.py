@@ -4,10 +4,13 @@
     python benchmarks/cost.py --models mlp3 --repeats 5 # a quick look
 
 For each network it measures, for Pyro's ``AutoNormal`` (dense VI as a Pyro user writes it
-today), our guide at density 1, and SSVI at densities 0.1 and 0.05, each with weight sampling
-and with local reparameterisation (LRT):
-  * seconds per SVI step: median of ``--repeats`` steps after ``--warmup`` steps, all configs
-    run one after the other in this run (ratios against AutoNormal are measured side by side);
+today), our guide at density 1, and SSVI at densities 0.1 and 0.05 (and at 0.1 with
+``sparse_kernels=False``: zero-filled dense weights, as before the sparse kernels), each with
+weight sampling and with local reparameterisation (LRT); ``--baseline-ref REF`` adds SSVI 0.1 run
+with the package as it was at git commit REF (e.g. before the sparse kernels), side by side:
+  * seconds per SVI step: median of ``--repeats`` steps after ``--warmup`` steps. The configs of one
+    network and sampling run side by side, each in its own process, stepped in rounds (one step of
+    each per round, in a rotating order), so the slow phases of a noisy machine fall on all alike;
   * peak memory: the process's peak resident set size on CPU (each config runs in a fresh
     process; ``torch.cuda.max_memory_allocated`` on a GPU), and its growth over the process
     size before the first step;
@@ -17,18 +20,30 @@ SSVI's update steps (one every ``--update-every``) are timed separately. Writes
 results/cost.{md,json,png}.
 """
 
+import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if os.environ.get("PYRO_SSVI_COST_PACKAGE"):  # a --serve worker for the baseline commit: its package first
+    sys.path.insert(0, os.environ["PYRO_SSVI_COST_PACKAGE"])
 
 from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
-GUIDES = [("AutoNormal", None), ("ours, density 1", 1.0), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]
+#: (row name, density, sparse_kernels): AutoNormal is Pyro's dense VI; "kernels off" is SSVI on
+#: dense zero-filled weights (sparse_kernels=False, what SSVI ran before the sparse kernels)
+GUIDES = [("AutoNormal", None, None), ("ours, density 1", 1.0, "auto"), ("SSVI 0.1, kernels off", 0.1, False),
+          ("SSVI 0.1", 0.1, "auto"), ("SSVI 0.05", 0.05, "auto")]
+
+
+def find(runs, model, lrt, density, kernels):
+    return next(r for r in runs if r["model"] == model and r["lrt"] == lrt and r["density"] == density and r["kernels"] == kernels)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"resnet18": "ResNet-18 (CIFAR, batch 32)", "mlp3": "3-layer MLP (input 784, batch 128)"}
 
 
@@ -54,85 +69,176 @@ def rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def worker(cfg):
-    """Run one configuration in this process; return its measurements."""
-    import time
+class Config:
+    """One configuration, set up in this process: ``step()`` times one SVI step, ``report()`` sums up."""
 
-    import pyro
-    import torch
-    from pyro.infer.autoguide import AutoNormal
+    def __init__(self, cfg):
+        import pyro
+        import torch
+        from pyro.infer.autoguide import AutoNormal
 
-    from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
-    from pyro_ssvi.cost import flops_report, guide_state_bytes
+        from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
+        from pyro_ssvi.cost import flops_report
 
-    device = torch.device(cfg["device"])
-    torch.manual_seed(0)
-    pyro.set_rng_seed(0)
-    model, x, y = build(cfg["model"], device, cfg["width"], cfg["mlp_width"])
-    density = cfg["density"]
-    optim = pyro.optim.Adam({"lr": 1e-3})
-    elbo = pyro.infer.TraceMeanField_ELBO()
-    # the FLOP accounting needs a SparseSubspaceGuide: AutoNormal is dense VI (density 1, no updates)
-    counting_guide = SparseSubspaceGuide(model, density=1.0 if density is None else density, dense_sites=model.dense_sites)
-    counting_guide(x, y)
-    flops = flops_report(
-        model, counting_guide, x, local_reparameterization=cfg["lrt"], update_every=cfg["flops_update_every"],
-        gradient_addition=density is not None and density < 1,
-    )
-    del counting_guide
-    pyro.clear_param_store()
-    if density is None:
-        guide = AutoNormal(model, init_scale=1e-3)
-        svi = pyro.infer.SVI(model, guide, optim, elbo)
-        lrt = LocalReparameterizationMessenger() if cfg["lrt"] else None
-    else:
-        guide = SparseSubspaceGuide(model, density=density, dense_sites=model.dense_sites, init_scale=1e-3)
-        svi = SSVI(model, guide, optim, elbo, total_steps=10**9, update_every=cfg["update_every"], local_reparameterization=cfg["lrt"])
-        lrt = None
-    guide(x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = rss_kib()
-    times, update_times = [], []
-    for i in range(cfg["warmup"] + cfg["repeats"]):
-        t0 = time.perf_counter()
-        if lrt is not None:
-            with lrt:
-                svi.step(x, y)
+        self.cfg, self.device = cfg, torch.device(cfg["device"])
+        torch.manual_seed(0)
+        pyro.set_rng_seed(0)
+        model, self.x, self.y = build(cfg["model"], self.device, cfg["width"], cfg["mlp_width"])
+        self.density = density = cfg["density"]
+        self.optim = pyro.optim.Adam({"lr": 1e-3})
+        elbo = pyro.infer.TraceMeanField_ELBO()
+        # the FLOP accounting needs a SparseSubspaceGuide: AutoNormal is dense VI (density 1, no updates)
+        counting_guide = SparseSubspaceGuide(model, density=1.0 if density is None else density, dense_sites=model.dense_sites)
+        counting_guide(self.x, self.y)
+        self.flops = flops_report(
+            model, counting_guide, self.x, local_reparameterization=cfg["lrt"], update_every=cfg["flops_update_every"],
+            gradient_addition=density is not None and density < 1,
+        )
+        del counting_guide
+        pyro.clear_param_store()
+        self.lrt = None
+        if density is None:
+            self.guide = AutoNormal(model, init_scale=1e-3)
+            self.svi = pyro.infer.SVI(model, self.guide, self.optim, elbo)
+            self.lrt = LocalReparameterizationMessenger() if cfg["lrt"] else None
         else:
-            svi.step(x, y)
-        if device.type == "cuda":
+            # the baseline commit's guide predates the sparse_kernels argument
+            kernels = {} if cfg["kernels"] == "baseline" else {"sparse_kernels": cfg["kernels"]}
+            self.guide = SparseSubspaceGuide(model, density=density, dense_sites=model.dense_sites, init_scale=1e-3, **kernels)
+            self.svi = SSVI(model, self.guide, self.optim, elbo, total_steps=10**9, update_every=cfg["update_every"],
+                            local_reparameterization=cfg["lrt"])
+        self.guide(self.x, self.y)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.before = rss_kib()
+        self.times, self.update_times, self.steps = [], [], 0
+
+    def step(self):
+        """One SVI step; returns its seconds and whether it was a subspace-update step."""
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
+        if self.lrt is not None:
+            with self.lrt:
+                self.svi.step(self.x, self.y)
+        else:
+            self.svi.step(self.x, self.y)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        is_update = density is not None and svi.history and svi.history[-1]["step"] == svi.step_count
-        if i >= cfg["warmup"]:
-            (update_times if is_update else times).append(dt)
-    times.sort()
-    out = {
-        **cfg,
-        "seconds_per_step": times[len(times) // 2],
-        "seconds_all": times,
-        "update_step_seconds": sorted(update_times)[len(update_times) // 2] if update_times else None,
-        "guide_bytes": guide_state_bytes(guide, optim),
-        "train_flops_per_step": flops["train_flops_per_step"] if density is not None else flops["dense_vi_train_flops_per_step"],
-        "dense_vi_train_flops_per_step": flops["dense_vi_train_flops_per_step"],
-    }
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-        out["memory_growth_bytes"] = None
-    else:
-        peak = rss_kib()
-        out["peak_memory_bytes"] = peak * 1024
-        out["memory_growth_bytes"] = (peak - before) * 1024
-    return out
+        is_update = bool(self.density is not None and self.svi.history and self.svi.history[-1]["step"] == self.svi.step_count)
+        self.steps += 1
+        if self.steps > self.cfg["warmup"]:
+            (self.update_times if is_update else self.times).append(dt)
+        return dt, is_update
+
+    def report(self):
+        import torch
+
+        from pyro_ssvi.cost import guide_state_bytes
+
+        times = sorted(self.times)
+        out = {
+            **self.cfg,
+            "seconds_per_step": times[len(times) // 2],
+            "seconds_all": times,
+            "update_step_seconds": sorted(self.update_times)[len(self.update_times) // 2] if self.update_times else None,
+            "guide_bytes": guide_state_bytes(self.guide, self.optim),
+            "train_flops_per_step": self.flops["train_flops_per_step"] if self.density is not None else self.flops["dense_vi_train_flops_per_step"],
+            "dense_vi_train_flops_per_step": self.flops["dense_vi_train_flops_per_step"],
+            "kernel_choices": self.guide.kernel_report() if hasattr(self.guide, "kernel_report") else {},
+        }
+        if self.device.type == "cuda":
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            out["memory_growth_bytes"] = None
+        else:
+            peak = rss_kib()
+            out["peak_memory_bytes"] = peak * 1024
+            out["memory_growth_bytes"] = (peak - self.before) * 1024
+        return out
 
 
-def run_config(cfg):
-    res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"config {cfg} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def serve(cfg):
+    """Worker process: set up ``cfg``, then answer ``step`` and ``report`` lines on stdin with JSON lines."""
+    config = Config(cfg)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            dt, is_update = config.step()
+            print(json.dumps({"seconds": dt, "update": is_update}), flush=True)
+        elif line.strip() == "report":
+            print(json.dumps(config.report()), flush=True)
+            return
+
+
+class Worker:
+    """A configuration in its own process (fresh memory accounting), driven one step at a time."""
+
+    def __init__(self, cfg, package_root=None):
+        env = dict(os.environ)
+        if package_root is not None:  # run the package as it is in another tree (the baseline commit)
+            env["PYRO_SSVI_COST_PACKAGE"] = str(package_root)
+        self.cfg = cfg
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(cfg)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def _ask(self, line=None):
+        if line is not None:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"config {self.cfg} failed:\n{self.proc.stderr.read()[-2000:]}")
+        return json.loads(answer)
+
+    def ready(self):
+        return self._ask()
+
+    def step(self):
+        return self._ask("step")
+
+    def report(self):
+        out = self._ask("report")
+        self.proc.wait()
+        return out
+
+
+def run_group(cfgs, package_roots, progress):
+    """Time ``cfgs`` side by side: every round steps each configuration once, in a rotating order, so
+    slow phases of a noisy machine fall on all of them alike. Returns their reports."""
+    workers = [Worker(c, r) for c, r in zip(cfgs, package_roots)]
+    try:
+        for w in workers:
+            w.ready()
+        rounds = cfgs[0]["warmup"] + cfgs[0]["repeats"]
+        for i in range(rounds):
+            for j in range(len(workers)):
+                workers[(i + j) % len(workers)].step()
+            progress.update(1)
+        return [w.report() for w in workers]
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+
+
+def baseline_tree(ref, stack):
+    """A temporary git worktree of ``ref`` (removed when ``stack`` closes)."""
+    import tempfile
+
+    tmp = stack.enter_context(tempfile.TemporaryDirectory())
+    tree = pathlib.Path(tmp) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=ROOT, check=True, capture_output=True, text=True)
+    stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    return tree
+
+
+def guide_rows(args):
+    """The table's rows: GUIDES, plus SSVI 0.1 at ``--baseline-ref`` when given."""
+    return GUIDES + ([(f"SSVI 0.1 at {args.baseline_ref}", 0.1, "baseline")] if args.baseline_ref else [])
 
 
 def mib(b):
@@ -142,7 +248,8 @@ def mib(b):
 def report(args, runs):
     md = ["# Cost: dense VI (Pyro AutoNormal) vs SSVI\n"]
     md.append(
-        f"Device: {args.device}. Seconds per step: median of {args.repeats} steps after {args.warmup} warm-up steps "
+        f"Device: {args.device}. Seconds per step: median of {args.repeats} steps after {args.warmup} warm-up steps, "
+        "the configurations of a table half stepped in alternation (one step each per round) "
         f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: "
         + ("torch.cuda.max_memory_allocated over the training steps (warm-up included), one fresh process per configuration (no growth figure). "
            if args.device == "cuda" else
@@ -156,9 +263,9 @@ def report(args, runs):
         md.append(f"## {MODELS[model]}\n")
         rows = []
         for lrt in (False, True):
-            base = next(r for r in runs if r["model"] == model and r["lrt"] == lrt and r["density"] is None)
-            for name, density in GUIDES:
-                r = next(r for r in runs if r["model"] == model and r["lrt"] == lrt and r["density"] == density)
+            base = find(runs, model, lrt, None, None)
+            for name, density, kernels in guide_rows(args):
+                r = find(runs, model, lrt, density, kernels)
                 rows.append([
                     name, "LRT" if lrt else "weights",
                     f"{r['seconds_per_step']:.4f}", f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}",
@@ -173,13 +280,28 @@ def report(args, runs):
         ) + "\n")
     if "resnet18" in args.models:
         md.append("## Targets (ResNet-18, density 0.1)\n")
-        get = lambda lrt, d: next(r for r in runs if r["model"] == "resnet18" and r["lrt"] == lrt and r["density"] == d)  # noqa: E731
-        b, s = get(False, None), get(False, 0.1)
+        b, s = find(runs, "resnet18", False, None, None), find(runs, "resnet18", False, 0.1, "auto")
         checks = [
             ("guide-state bytes <= 0.15x AutoNormal's", s["guide_bytes"] / b["guide_bytes"], 0.15),
             ("seconds per step (weight sampling) <= 1.05x AutoNormal's", s["seconds_per_step"] / b["seconds_per_step"], 1.05),
             ("counted training FLOPs <= 0.15x dense VI's", s["train_flops_per_step"] / s["dense_vi_train_flops_per_step"], 0.15),
         ]
+        md.append(markdown_table(["target", "measured", "bound", "met"], [[t, f"{v:.3f}", f"{bound}", "yes" if v <= bound else "NO"] for t, v, bound in checks]) + "\n")
+    checks = []
+    # "today's SSVI": the package at --baseline-ref when measured, else this package with sparse kernels off
+    before, before_name = ("baseline", f"SSVI at {args.baseline_ref}") if args.baseline_ref else (False, "kernels off")
+    if "mlp3" in args.models:
+        for lrt, what in ((False, "weight sampling"), (True, "LRT")):
+            b, old, on = (find(runs, "mlp3", lrt, d, k) for d, k in ((None, None), (0.1, before), (0.1, "auto")))
+            checks.append((f"MLP s/step, {what}: SSVI 0.1 <= 0.25x AutoNormal's", on["seconds_per_step"] / b["seconds_per_step"], 0.25))
+            if on["memory_growth_bytes"] is not None and old["memory_growth_bytes"]:
+                checks.append((f"MLP peak memory growth, {what}: SSVI 0.1 <= 0.5x {before_name}", on["memory_growth_bytes"] / old["memory_growth_bytes"], 0.5))
+    if "resnet18" in args.models:
+        for lrt, what in ((False, "weight sampling"), (True, "LRT")):
+            old, on = find(runs, "resnet18", lrt, 0.1, before), find(runs, "resnet18", lrt, 0.1, "auto")
+            checks.append((f"ResNet-18 s/step, {what}: SSVI 0.1 / {before_name} (no slower; 5% timing noise)", on["seconds_per_step"] / old["seconds_per_step"], 1.05))
+    if checks:
+        md.append("## Targets (sparse kernels, density 0.1)\n")
         md.append(markdown_table(["target", "measured", "bound", "met"], [[t, f"{v:.3f}", f"{bound}", "yes" if v <= bound else "NO"] for t, v, bound in checks]) + "\n")
     return "\n".join(md)
 
@@ -191,9 +313,10 @@ def plot(args, runs):
     for row, model in zip(axes, args.models):
         for ax, key, title in zip(row, ("seconds_per_step", "guide_bytes", "train_flops_per_step"), ("seconds / step", "guide-state bytes", "training FLOPs / step")):
             for i, lrt in enumerate((False, True)):
-                vals = [next(r for r in runs if r["model"] == model and r["lrt"] == lrt and r["density"] == d)[key] for _, d in GUIDES]
-                ax.bar([j + 0.4 * i for j in range(len(GUIDES))], vals, width=0.4, label="LRT" if lrt else "weight sampling")
-            ax.set_xticks([j + 0.2 for j in range(len(GUIDES))], [n for n, _ in GUIDES], fontsize=7)
+                rows = guide_rows(args)
+                vals = [find(runs, model, lrt, d, k)[key] for _, d, k in rows]
+                ax.bar([j + 0.4 * i for j in range(len(rows))], vals, width=0.4, label="LRT" if lrt else "weight sampling")
+            ax.set_xticks([j + 0.2 for j in range(len(rows))], [n for n, _, _ in rows], fontsize=6, rotation=20)
             ax.set_title(f"{MODELS[model]}: {title}", fontsize=8)
             if key != "seconds_per_step":
                 ax.set_yscale("log")
@@ -204,15 +327,21 @@ def plot(args, runs):
 def parse_args(argv):
     p = ArgumentParser(description="Cost of dense VI vs SSVI: time, memory, guide state, FLOPs.")
     p.add_argument("--models", default="resnet18,mlp3", help="comma-separated: resnet18, mlp3")
-    p.add_argument("--repeats", type=int, default=7, help="timed steps per configuration")
+    p.add_argument("--repeats", type=int, default=11, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--update-every", type=int, default=4, help="SSVI update period while timing (small, so update steps get timed)")
     p.add_argument("--flops-update-every", type=int, default=100, help="update period the FLOP count amortises the gradient addition over (the recipe's 100)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
     p.add_argument("--mlp-width", type=int, default=1024, help="hidden width of the MLP")
+    p.add_argument("--baseline-ref", default=None, help="also run SSVI 0.1 with the package at this git commit (a temporary worktree), "
+                   "as 'today's SSVI' for the sparse-kernel targets")
     add_common_flags(p)
     args = p.parse_args(argv)
+    if args.baseline_ref is not None:
+        ok = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.baseline_ref}^{{commit}}"], cwd=ROOT, capture_output=True)
+        if ok.returncode != 0:
+            p.error(f"--baseline-ref: {args.baseline_ref!r} is not a commit of this repository")
     args.models = args.models.split(",")
     if set(args.models) - set(MODELS):
         p.error(f"--models: choose from {sorted(MODELS)}")
@@ -226,10 +355,19 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     configs = [
-        {"model": m, "density": d, "lrt": lrt, "repeats": args.repeats, "warmup": args.warmup, "update_every": args.update_every, "flops_update_every": args.flops_update_every, "device": args.device, "width": args.width, "mlp_width": args.mlp_width}
-        for m in args.models for lrt in (False, True) for _, d in GUIDES
+        {"model": m, "density": d, "kernels": k, "lrt": lrt, "repeats": args.repeats, "warmup": args.warmup, "update_every": args.update_every, "flops_update_every": args.flops_update_every, "device": args.device, "width": args.width, "mlp_width": args.mlp_width}
+        for m in args.models for lrt in (False, True) for _, d, k in GUIDES
     ]
-    runs = [run_config(c) for c in tqdm(configs, desc="cost configs")]
+    if args.baseline_ref:
+        configs += [{**c, "kernels": "baseline"} for c in configs if c["density"] == 0.1 and c["kernels"] == "auto"]
+    groups = {}
+    for c in configs:
+        groups.setdefault((c["model"], c["lrt"]), []).append(c)
+    runs = []
+    with contextlib.ExitStack() as stack, tqdm(total=len(groups) * (args.warmup + args.repeats), desc="rounds") as progress:
+        tree = baseline_tree(args.baseline_ref, stack) if args.baseline_ref else None
+        for cfgs in groups.values():
+            runs += run_group(cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress)
     md = report(args, runs)
     plot(args, runs)
     write_results("cost", md, runs, args)
@@ -238,7 +376,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]))
     else:
         run_main(main)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, as one prepared run: the CIFAR example's synthetic run at width 64, the cost
-# benchmark on CUDA, and the test suite with tensors on CUDA by default.
+# benchmark and the sparse-kernel table on CUDA, and the test suite with tensors on CUDA by default.
 #
 #     bash benchmarks/device_check.sh OUTDIR        # from the repository root; pyro_ssvi importable
 #
-# Writes OUTDIR/run.log (versions, GPU, the example's and the benchmark's output),
-# OUTDIR/cifar_w64.json, OUTDIR/cost.{md,json,png} and OUTDIR/suite.log. Each part has its own
-# time limit (seconds: CIFAR_LIMIT, COST_LIMIT, SUITE_LIMIT) so one slow part cannot starve the rest.
+# Writes OUTDIR/run.log (versions, GPU, the example's and the benchmarks' output),
+# OUTDIR/cifar_w64.json, OUTDIR/cost.{md,json,png}, OUTDIR/sparse_kernels.{md,json,png} and
+# OUTDIR/suite.log. Each part has its own time limit (seconds: CIFAR_LIMIT, COST_LIMIT,
+# KERNELS_LIMIT, SUITE_LIMIT) so one slow part cannot starve the rest.
 set -u
 out=${1:?usage: device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -25,14 +26,19 @@ echo "cifar rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 
 echo "== benchmarks/cost.py --device cuda" >>"$log"
 start=$(date +%s)
-timeout "${COST_LIMIT:-120}" python3 benchmarks/cost.py --device cuda --models resnet18 --repeats 5 --results-dir "$out" >>"$log" 2>&1
+timeout "${COST_LIMIT:-150}" python3 benchmarks/cost.py --device cuda --models resnet18,mlp3 --repeats 5 --results-dir "$out" >>"$log" 2>&1
 echo "cost rc=$? wall $(($(date +%s) - start)) s" >>"$log"
+
+echo "== benchmarks/sparse_kernels.py --device cuda (what sparse_kernels=\"auto\" picks on the GPU)" >>"$log"
+start=$(date +%s)
+timeout "${KERNELS_LIMIT:-60}" python3 benchmarks/sparse_kernels.py --device cuda --repeats 5 --blocks 3 --results-dir "$out" >>"$log" 2>&1
+echo "sparse_kernels rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 
 echo "== pytest with PYRO_SSVI_TEST_DEVICE=cuda" >>"$log"
 start=$(date +%s)
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 # -v streams one line per test, so a run cut short by its limit still says what failed
-PYRO_SSVI_TEST_DEVICE=cuda timeout "${SUITE_LIMIT:-300}" python3 -m pytest -v --tb=short -p no:cacheprovider $workers \
+PYRO_SSVI_TEST_DEVICE=cuda timeout "${SUITE_LIMIT:-270}" python3 -m pytest -v --tb=short -p no:cacheprovider $workers \
     -p no:benchmark >"$out/suite.log" 2>&1
 echo "suite rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 grep -cE " PASSED" "$out/suite.log" | sed 's/^/passed lines: /' >>"$log"

@@ -1,19 +1,22 @@
-"""Dense against sparse kernels for one sparse linear layer, forward + backward (groundwork for issue 10).
+"""Dense against sparse kernels for one sparse layer, forward + backward (``pyro_ssvi.kernels``).
 
-    python benchmarks/sparse_kernels.py          # widths 256-4096, densities 0.02-0.5, batch 128 (a few minutes)
+    python benchmarks/sparse_kernels.py          # widths 256-4096, densities 0.02-0.5, batch 128, and convolutions (a few minutes)
 
 A layer ``y = x W^T`` whose weight has ``k = density * out * in`` active entries (values ``v``
 at flat positions ``index``), as SSVI trains it: gradients are needed for ``x`` and ``v``.
 
 * dense: scatter ``v`` into a zero ``(out, in)`` weight, ``F.linear``; backward through the
-  scatter (what SSVI does today);
-* sparse: ``W`` as CSR (PyTorch's sparse kernels): forward ``W x^T``; input gradient through
-  a cached CSR of ``W^T``; value gradient by ``torch.sparse.sampled_addmm`` (``(g^T x)``
-  sampled at the active positions). No dense weight or dense weight gradient is formed.
+  scatter (SSVI with ``sparse_kernels=False``);
+* sparse: ``pyro_ssvi.kernels.sparse_linear`` (CSR forward ``W x^T``, input gradient through a
+  cached CSR of ``W^T``, value gradient by ``torch.sparse.sampled_addmm``). No dense weight or
+  dense weight gradient is formed.
 
 Times are medians of ``--repeats`` forward+backward passes, both kernels timed in alternation
 in this run; the crossover is the largest measured density at which the sparse kernel is
-faster. Writes results/sparse_kernels.{md,json,png}.
+faster. "auto" is what ``SparseSubspaceGuide(sparse_kernels="auto")`` would pick for the layer
+(``pyro_ssvi.kernels.measure``, its own short measurement). Convolutions: 3x3 layers of a CIFAR
+ResNet-18 at density 0.1, dense ``F.conv2d`` against im2col (``F.unfold``) + the same sparse
+kernel. Writes results/sparse_kernels.{md,json,png}.
 """
 
 import pathlib
@@ -27,117 +30,152 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
+#: CIFAR ResNet-18 3x3 convolutions (channels, spatial size) at base width 64, batch 32
+CONVS = [(64, 32), (128, 16), (256, 8), (512, 4)]
 
-def make_layer(width, density, batch, device, seed=0):
+
+def make_layer(numel, density, device, seed=0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    numel = width * width
     k = max(1, round(density * numel))
-    index = torch.randperm(numel, generator=g)[:k].sort().values.to(device)
-    values = torch.randn(k, generator=g).to(device)
-    x = torch.randn(batch, width, generator=g).to(device)
-    return index, values, x
+    index = torch.randperm(numel, generator=g)[:k]  # storage order: unsorted, as after subspace updates
+    return index.to(device), torch.randn(k, generator=g).to(device)
 
 
-class SparseLinear:
-    """CSR structures of ``W`` and ``W^T`` for one active set, built once (at each subspace update)."""
-
-    def __init__(self, index, shape):
-        import torch
-
-        rows, cols = index // shape[1], index % shape[1]
-        self.shape = shape
-        ones = torch.ones(index.numel(), dtype=torch.float32, device=index.device)
-        self.pattern = torch.sparse_coo_tensor(torch.stack([rows, cols]), ones, shape).coalesce().to_sparse_csr()
-        # W^T's CSR lists the same entries in column-major order: remember the permutation
-        order = torch.argsort(cols * shape[0] + rows)
-        self.t_crow = torch._convert_indices_from_coo_to_csr(cols[order], shape[1])
-        self.t_col = rows[order]
-        self.t_order = order
-
-    def csr(self, values):
-        import torch
-
-        return torch.sparse_csr_tensor(self.pattern.crow_indices(), self.pattern.col_indices(), values, self.shape)
-
-    def csr_t(self, values):
-        import torch
-
-        return torch.sparse_csr_tensor(self.t_crow, self.t_col, values[self.t_order], (self.shape[1], self.shape[0]))
-
-
-def sparse_step(layer, values, x, grad_out):
-    """Forward and both gradients with sparse kernels; returns (y, grad_x, grad_values)."""
+def _sync(device):
     import torch
 
-    y = (layer.csr(values) @ x.t()).t()
-    grad_x = (layer.csr_t(values) @ grad_out.t()).t()
-    grad_v = torch.sparse.sampled_addmm(layer.pattern, grad_out.t().contiguous(), x, beta=0.0).values()
-    return y, grad_x, grad_v
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def dense_step(index, values, x, shape):
-    import torch
+def dense_linear_step(pattern, values, x):
     import torch.nn.functional as F
 
-    v = values.detach().requires_grad_()
-    xx = x.detach().requires_grad_()
-    w = torch.zeros(shape[0] * shape[1], dtype=v.dtype, device=v.device).scatter(0, index, v).reshape(shape)
-    y = F.linear(xx, w)
-    y.backward(torch.ones_like(y))
+    v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
+    y = F.linear(xx, pattern.dense(v))
+    y.backward(_ones(y))
     return y, xx.grad, v.grad
 
 
-def timed(fn, repeats):
+def sparse_linear_step(pattern, values, x):
+    from pyro_ssvi.kernels import sparse_linear
+
+    v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
+    y = sparse_linear(xx, v, pattern)
+    y.backward(_ones(y))
+    return y, xx.grad, v.grad
+
+
+def _ones(y):
+    import torch
+
+    return torch.ones_like(y)
+
+
+def dense_conv_step(pattern, values, x, shape):
+    import torch.nn.functional as F
+
+    v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
+    y = F.conv2d(xx, pattern.dense(v).reshape(shape), padding=1)
+    y.backward(_ones(y))
+    return y, xx.grad, v.grad
+
+
+def sparse_conv_step(pattern, values, x, shape):
+    """im2col: ``unfold`` the input to ``(B * H * W, C_in * 9)`` rows, one sparse linear layer, fold back."""
+    import torch.nn.functional as F
+
+    from pyro_ssvi.kernels import sparse_linear
+
+    v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
+    b, _, h, w = x.shape
+    cols = F.unfold(xx, 3, padding=1).transpose(1, 2).reshape(b * h * w, -1)
+    y = sparse_linear(cols, v, pattern).reshape(b, h * w, shape[0]).transpose(1, 2).reshape(b, shape[0], h, w)
+    y.backward(_ones(y))
+    return y, xx.grad, v.grad
+
+
+def compare(dense, sparse, repeats, blocks, device):
+    """Relative error between the two paths, then their median times (alternating blocks)."""
+    out_d, out_s = dense(), sparse()
+    err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(out_s, out_d))
+    for _ in range(2):  # warm up both
+        dense(), sparse()
+    dense_t, sparse_t = [], []
+    for _ in range(blocks):
+        dense_t.append(timed(dense, repeats, device))
+        sparse_t.append(timed(sparse, repeats, device))
+    return err, statistics.median(dense_t), statistics.median(sparse_t)
+
+
+def timed(fn, repeats, device):
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def measure(args):
+def measure_linear(args):
     import torch
 
-    torch.set_num_threads(args.threads)
+    from pyro_ssvi.kernels import LinearPattern, measure
+
     rows = []
     for width in args.widths:
         for density in args.densities:
-            index, values, x = make_layer(width, density, args.batch, "cpu")
-            layer = SparseLinear(index, (width, width))
-            grad_out = torch.ones(args.batch, width)
-            # exactness first: both paths give the same output and gradients
-            y_d, gx_d, gv_d = dense_step(index, values, x, (width, width))
-            y_s, gx_s, gv_s = sparse_step(layer, values, x, grad_out)
-            err = max(float(((a - b).abs().max() / b.abs().max().clamp_min(1e-12))) for a, b in ((y_s, y_d), (gx_s, gx_d), (gv_s, gv_d)))
-            for _ in range(2):  # warm up both
-                dense_step(index, values, x, (width, width))
-                sparse_step(layer, values, x, grad_out)
-            dense_t, sparse_t = [], []
-            for _ in range(args.blocks):
-                dense_t.append(timed(lambda: dense_step(index, values, x, (width, width)), args.repeats))
-                sparse_t.append(timed(lambda: sparse_step(layer, values, x, grad_out), args.repeats))
+            index, values = make_layer(width * width, density, args.device)
+            x = torch.randn(args.batch, width, generator=torch.Generator().manual_seed(1)).to(args.device)
             t0 = time.perf_counter()
-            SparseLinear(index, (width, width))
+            pattern = LinearPattern(index, (width, width))
             build = time.perf_counter() - t0
-            rows.append({"width": width, "density": density, "dense_seconds": statistics.median(dense_t),
-                         "sparse_seconds": statistics.median(sparse_t), "build_seconds": build, "max_relative_error": err})
-            r = rows[-1]
-            print(f"width {width} density {density}: dense {r['dense_seconds'] * 1e3:.2f} ms, sparse {r['sparse_seconds'] * 1e3:.2f} ms "
-                  f"({r['sparse_seconds'] / r['dense_seconds']:.2f}x), build {build * 1e3:.1f} ms, rel. error {err:.1e}", flush=True)
+            err, dense_s, sparse_s = compare(lambda: dense_linear_step(pattern, values, x),
+                                             lambda: sparse_linear_step(pattern, values, x), args.repeats, args.blocks, args.device)
+            auto = measure(pattern, x.requires_grad_(), values.requires_grad_())["sparse"]
+            x.requires_grad_(False), values.requires_grad_(False)
+            rows.append({"width": width, "density": density, "dense_seconds": dense_s, "sparse_seconds": sparse_s,
+                         "build_seconds": build, "max_relative_error": err, "auto_picks_sparse": auto})
+            print(f"width {width} density {density}: dense {dense_s * 1e3:.2f} ms, sparse {sparse_s * 1e3:.2f} ms "
+                  f"({sparse_s / dense_s:.2f}x), build {build * 1e3:.1f} ms, rel. error {err:.1e}, auto: {'sparse' if auto else 'dense'}", flush=True)
+    return rows
+
+
+def measure_conv(args):
+    import torch
+
+    from pyro_ssvi.kernels import LinearPattern
+
+    rows = []
+    for channels, size in CONVS:
+        shape = (channels, channels, 3, 3)
+        index, values = make_layer(channels * channels * 9, args.conv_density, args.device)
+        x = torch.randn(args.conv_batch, channels, size, size, generator=torch.Generator().manual_seed(1)).to(args.device)
+        pattern = LinearPattern(index, (channels, channels * 9))  # the weight as (C_out, C_in * 3 * 3)
+        err, dense_s, sparse_s = compare(lambda: dense_conv_step(pattern, values, x, shape),
+                                         lambda: sparse_conv_step(pattern, values, x, shape), args.repeats, args.blocks, args.device)
+        rows.append({"channels": channels, "size": size, "density": args.conv_density, "dense_seconds": dense_s,
+                     "sparse_seconds": sparse_s, "max_relative_error": err})
+        print(f"conv {channels}x{channels}x3x3 at {size}x{size}: dense {dense_s * 1e3:.2f} ms, im2col + sparse {sparse_s * 1e3:.2f} ms "
+              f"({sparse_s / dense_s:.2f}x), rel. error {err:.1e}", flush=True)
     return rows
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Dense vs CSR kernels for a sparse linear layer, forward + backward.")
+    p = ArgumentParser(description="Dense vs sparse (CSR) kernels for a sparse layer, forward + backward.")
     p.add_argument("--widths", default="256,1024,4096", help="comma-separated square layer widths")
     p.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.5", help="comma-separated densities")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--conv-density", type=float, default=0.1, help="density of the convolutions measured")
+    p.add_argument("--conv-batch", type=int, default=32, help="batch of the convolutions (0: skip them)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per block")
     p.add_argument("--blocks", type=int, default=3, help="alternating blocks per kernel")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     add_common_flags(p)
     args = p.parse_args(argv)
     try:
@@ -147,26 +185,46 @@ def main(argv=None):
         p.error("--widths / --densities: expected comma-separated numbers")
     if not args.widths or min(args.widths) < 1 or not args.densities or not all(0 < d <= 1 for d in args.densities):
         p.error("--widths: positive integers; --densities: values in (0, 1]")
-    if min(args.batch, args.repeats, args.blocks, args.threads) < 1:
-        p.error("--batch, --repeats, --blocks and --threads must be positive")
-    rows = measure(args)
+    if not 0 < args.conv_density <= 1:
+        p.error("--conv-density: expected a value in (0, 1]")
+    if min(args.batch, args.repeats, args.blocks, args.threads) < 1 or args.conv_batch < 0:
+        p.error("--batch, --repeats, --blocks and --threads must be positive, --conv-batch >= 0")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = measure_linear(args)
+    convs = measure_conv(args) if args.conv_batch else []
     table, crossover = [], {}
     for r in rows:
         table.append([r["width"], r["density"], f"{r['dense_seconds'] * 1e3:.2f}", f"{r['sparse_seconds'] * 1e3:.2f}",
-                      f"{r['sparse_seconds'] / r['dense_seconds']:.2f}x", f"{r['build_seconds'] * 1e3:.1f}", f"{r['max_relative_error']:.1e}"])
+                      f"{r['sparse_seconds'] / r['dense_seconds']:.2f}x", "sparse" if r["auto_picks_sparse"] else "dense",
+                      f"{r['build_seconds'] * 1e3:.1f}", f"{r['max_relative_error']:.1e}"])
         if r["sparse_seconds"] < r["dense_seconds"]:
             crossover[r["width"]] = max(crossover.get(r["width"], 0.0), r["density"])
     lines = [f"width {w}: sparse faster up to density {crossover[w]}" if w in crossover else f"width {w}: dense faster at every density measured"
              for w in args.widths]
-    md = "\n".join([
-        "# Sparse linear layer: dense scatter + F.linear against CSR kernels\n",
-        f"Forward + backward (input and value gradients) of one square layer, batch {args.batch}, {args.threads} torch thread(s), CPU; "
-        f"median over {args.blocks} alternating blocks of {args.repeats} passes. Build: time to make the CSR structures "
-        "(once per subspace update). Error: largest relative difference of output and gradients between the paths.\n",
-        markdown_table(["width", "density", "dense ms", "sparse ms", "sparse / dense", "build ms", "rel. error"], table),
+    md = [
+        "# Sparse layers: dense scatter + F.linear / F.conv2d against CSR kernels (pyro_ssvi.kernels)\n",
+        f"Forward + backward (input and value gradients) of one square linear layer, batch {args.batch}, "
+        + (f"{args.threads} torch thread(s), CPU" if args.device == "cpu" else "on CUDA")
+        + f"; median over {args.blocks} alternating blocks of {args.repeats} passes. auto: the kernel "
+        "`SparseSubspaceGuide(sparse_kernels=\"auto\")` picks for this call shape (its own short measurement, sparse only "
+        "below 0.9x the dense time). Build: time to make the CSR structures (once per subspace update). Error: largest "
+        "relative difference of output and gradients between the paths.\n",
+        markdown_table(["width", "density", "dense ms", "sparse ms", "sparse / dense", "auto", "build ms", "rel. error"], table),
         "",
         "Crossover (largest measured density where the sparse kernel wins): " + "; ".join(lines) + ".",
-    ])
+    ]
+    if convs:
+        md += [
+            f"\n## Convolutions (3x3, padding 1, batch {args.conv_batch}, density {args.conv_density})\n",
+            "The 3x3 layers of a CIFAR ResNet-18 (base width 64): dense `F.conv2d` on the scattered weight against im2col "
+            "(`F.unfold`) followed by the same sparse kernel, forward + backward.\n",
+            markdown_table(["channels", "input size", "dense ms", "im2col + sparse ms", "sparse / dense", "rel. error"],
+                           [[c["channels"], f"{c['size']}x{c['size']}", f"{c['dense_seconds'] * 1e3:.2f}", f"{c['sparse_seconds'] * 1e3:.2f}",
+                             f"{c['sparse_seconds'] / c['dense_seconds']:.2f}x", f"{c['max_relative_error']:.1e}"] for c in convs]),
+        ]
+    md = "\n".join(md)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for w in args.widths:
@@ -179,9 +237,9 @@ def main(argv=None):
     ax.set_ylabel("sparse / dense time")
     ax.legend()
     save_figure(fig, args, "sparse_kernels")
-    write_results("sparse_kernels", md, rows, args)
+    write_results("sparse_kernels", md, {"linear": rows, "conv": convs}, args)
     print(md)
-    return rows
+    return rows, convs
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from . import criteria
 from .distributions import SparseNormal, SubspacePrior
 from .guide import SparseSubspaceGuide, init_to_normal
 from .batched import BatchedLayersMessenger, batched_layers
+from .kernels import SparseWeight, sparse_linear
 from .handlers import DataGradientMessenger, KLScaleMessenger, SubspacePriorMessenger, subspace_prior
 from .lrt import LocalReparameterizationMessenger, local_reparameterization
 from .models import BayesianClassifier, bayesianize, cifar_resnet18
@@ -33,6 +34,7 @@ __all__ = [
     "local_reparameterization",
     "SparseNormal",
     "SparseSubspaceGuide",
+    "SparseWeight",
     "SubspacePrior",
     "SubspacePriorMessenger",
     "SwapSchedule",
@@ -41,5 +43,6 @@ __all__ = [
     "fresh_adam_correction",
     "reset_optimizer_state",
     "select_swap",
+    "sparse_linear",
     "subspace_prior",
 ]

@@ -151,6 +151,7 @@ class GradientAddition:
     """
 
     needs_gradient = True
+    fresh_scores = True  #: returns a new tensor, which select_swap may overwrite
 
     def __call__(self, grad, candidates):
         return grad.abs()
@@ -167,6 +168,7 @@ class RandomAddition:
     """
 
     needs_gradient = False
+    fresh_scores = True  #: returns a new tensor, which select_swap may overwrite
 
     def __init__(self, generator=None):
         self.generator = generator

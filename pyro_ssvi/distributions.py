@@ -25,8 +25,9 @@ import math
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
-from torch.distributions import Independent, Normal, kl_divergence, register_kl
-from torch.distributions.utils import broadcast_all
+from torch.distributions import Cauchy, Independent, Laplace, Normal, StudentT, kl_divergence, register_kl
+
+from .kernels import SparseWeight
 
 _HALF_LOG_2PI_E = 0.5 + 0.5 * math.log(2 * math.pi)
 
@@ -58,6 +59,61 @@ def _flat(value, shape):
     return value.reshape(value.shape[: value.dim() - len(shape)] + (-1,))
 
 
+#: scalar families :func:`restrict` rebuilds from their parameters (keyed by constructor)
+_RESTRICTABLE = {
+    Normal.__init__: (Normal, ("loc", "scale")),
+    Laplace.__init__: (Laplace, ("loc", "scale")),
+    Cauchy.__init__: (Cauchy, ("loc", "scale")),
+    StudentT.__init__: (StudentT, ("df", "loc", "scale")),
+}
+
+
+def _restrict_param(p, batch_shape, shape, index):
+    """``p`` broadcast to ``batch_shape = lead + shape``, read at flat site positions ``index``."""
+    p = torch.broadcast_to(p, batch_shape)
+    lead = batch_shape[: len(batch_shape) - len(shape)]
+    if all(st == 0 for st in p.stride()[len(lead) :]):  # one value for the whole site (an expanded scalar)
+        return p[(Ellipsis,) + (0,) * len(shape)].unsqueeze(-1)
+    flat = p.reshape(lead + (-1,))
+    return flat if index is None else flat.index_select(-1, index)
+
+
+def restrict(scalar, index, shape):
+    r"""The factorised ``scalar`` distribution at the active coordinates only, or ``None``.
+
+    ``scalar`` has batch shape ``lead + shape`` (one scalar distribution per coordinate); the
+    result has batch shape ``lead + (k,)`` (or ``lead + (1,)`` when the parameters are one value
+    expanded over the site), so ``log p_i(theta_i)`` for ``i in S`` costs ``O(k)``, not
+    ``O(prod(shape))``. Normal, Laplace, Cauchy and StudentT are rebuilt from their parameters;
+    ``None`` for other families (callers then evaluate densely). ``index`` ``None``: every
+    coordinate, in row-major order.
+
+        >>> p = Normal(torch.tensor(0.), torch.tensor(2.)).expand([3, 4])
+        >>> restrict(p, torch.tensor([0, 7]), torch.Size([3, 4])).scale
+        tensor([2.])
+    """
+    entry = _RESTRICTABLE.get(type(scalar).__init__)
+    if entry is None:
+        return None
+    family, names = entry
+    batch = scalar.batch_shape
+    if batch[len(batch) - len(shape) :] != shape:
+        return None
+    params = {n: _restrict_param(getattr(scalar, n), batch, shape, index) for n in names}
+    return family(**params, validate_args=False)
+
+
+def active_values(value, index, shape):
+    """``value`` (``... + shape``) at flat positions ``index``: ``... + (k,)``; a :class:`~pyro_ssvi.kernels.SparseWeight`
+    on that active set answers with its stored values."""
+    if isinstance(value, SparseWeight):
+        active = value.active_at(index)
+        if active is not None:
+            return active
+    flat = _flat(value, shape)
+    return flat if index is None else flat.index_select(-1, index)
+
+
 class SparseNormal(TorchDistribution):
     r"""Mean-field Normal on an active set ``S`` of a tensor, exact zeros elsewhere.
 
@@ -67,6 +123,9 @@ class SparseNormal(TorchDistribution):
         coordinates in a tensor of shape ``shape``; ``None`` means all coordinates
         are active in their natural order (``k == prod(shape)``).
     :param torch.Size shape: the dense shape of one sample (the event shape).
+    :param pattern: a :class:`~pyro_ssvi.kernels.LinearPattern` of ``index`` (2-d sites), or ``None``.
+        With a pattern, an unbatched sample is a :class:`~pyro_ssvi.kernels.SparseWeight`: it holds
+        only the ``k`` active values, and ``F.linear`` on it runs sparse kernels.
 
     The entropy and ``log_prob`` cover the active coordinates only:
     :math:`\log q(\theta) = \sum_{i \in S} \log \mathcal N(\theta_i; \mu_i, \sigma_i^2)`.
@@ -75,7 +134,7 @@ class SparseNormal(TorchDistribution):
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     has_rsample = True
 
-    def __init__(self, loc, scale, index, shape, validate_args=None):
+    def __init__(self, loc, scale, index, shape, pattern=None, validate_args=None):
         shape = torch.Size(shape)
         numel = shape.numel()
         if loc.shape != scale.shape:
@@ -86,9 +145,13 @@ class SparseNormal(TorchDistribution):
                 raise ValueError(f"index=None needs k == prod(shape) = {numel}, got k = {k}")
         elif index.shape != (k,):
             raise ValueError(f"index must have shape ({k},), got {tuple(index.shape)}")
+        elif pattern is not None:
+            if pattern.shape != shape or pattern.num_active != k:
+                raise ValueError(f"pattern: expected a pattern of {k} entries in shape {tuple(shape)}")
+            index = pattern.index  # the pattern's int64 copy of this index, made once per active set
         else:
             index = index.long()  # scatter wants int64; the guide stores int32
-        self.loc, self.scale, self.index, self.site_shape = loc, scale, index, shape
+        self.loc, self.scale, self.index, self.site_shape, self.pattern = loc, scale, index, shape, pattern
         super().__init__(loc.shape[:-1], shape, validate_args=validate_args)
 
     @property
@@ -102,7 +165,7 @@ class SparseNormal(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         k = (self.num_active,)
-        return SparseNormal(self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape)
+        return SparseNormal(self.loc.expand(batch_shape + k), self.scale.expand(batch_shape + k), self.index, self.site_shape, self.pattern)
 
     # dense <-> active conversions ------------------------------------------------
     def scatter(self, active):
@@ -116,14 +179,23 @@ class SparseNormal(TorchDistribution):
 
     def gather(self, value):
         """The active coordinates of a dense ``value`` (``... + shape``), shape ``... + (k,)``."""
+        if isinstance(value, SparseWeight) and self.pattern is not None and value.pattern is self.pattern:
+            return value.active
         flat = _flat(value, self.site_shape)
         return flat if self.index is None else flat.index_select(-1, self.index)
+
+    def embed(self, active):
+        """``active`` (``... + (k,)``) as a site-shaped tensor: a :class:`~pyro_ssvi.kernels.SparseWeight`
+        when this distribution has a kernel pattern and ``active`` has no batch dims, else :meth:`scatter`."""
+        if self.pattern is not None and active.dim() == 1:
+            return SparseWeight(active, self.pattern)
+        return self.scatter(active)
 
     # Distribution API -------------------------------------------------------------
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)[: -len(self.site_shape) or None] + (self.num_active,)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.scatter(self.loc + self.scale * eps)
+        return self.embed(self.loc + self.scale * eps)
 
     def log_prob(self, value):
         active = self.gather(value)
@@ -188,6 +260,11 @@ class SubspacePrior(TorchDistribution):
         return self._mask(self.base.sample(sample_shape))
 
     def log_prob(self, value):
+        r""":math:`\sum_{i \in S} \log p_i(\theta_i)`, evaluated at the active coordinates only when
+        the prior family allows (:func:`restrict`)."""
+        active_prior = restrict(self.scalar, self.index, self.site_shape)
+        if active_prior is not None:
+            return active_prior.log_prob(active_values(value, self.index, self.site_shape)).sum(-1)
         lp = _flat(elementwise_log_prob(self.scalar, value, self.site_shape), self.site_shape)
         return lp.index_select(-1, self.index).sum(-1)
 
@@ -203,13 +280,11 @@ def _kl_active(q, p):
         raise NotImplementedError
     if p.event_shape != q.event_shape:
         raise NotImplementedError
-    batch = p.batch_shape
-    ploc, pscale = (torch.broadcast_to(t, batch + q.site_shape) for t in broadcast_all(base.loc, base.scale))
-    if q.index is None:
-        ploc, pscale = ploc.reshape(batch + (-1,)), pscale.reshape(batch + (-1,))
-    else:  # gather without densifying the (possibly expanded) prior parameters
-        coords = (Ellipsis,) + torch.unravel_index(q.index, q.site_shape)
-        ploc, pscale = ploc[coords], pscale[coords]
+    # the prior at the active coordinates, without densifying its (possibly expanded) parameters
+    active = restrict(base.expand(p.batch_shape + q.site_shape), q.index, q.site_shape)
+    if active is None:
+        raise NotImplementedError
+    ploc, pscale = active.loc, active.scale
     var_ratio = (q.scale / pscale) ** 2
     t1 = ((q.loc - ploc) / pscale) ** 2
     return (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)
@@ -225,4 +300,4 @@ def _kl_sparse_subspace(q, p):
     return _kl_active(q, p.base)
 
 
-__all__ = ["SparseNormal", "SubspacePrior", "factorised_base", "kl_divergence"]
+__all__ = ["SparseNormal", "SubspacePrior", "active_values", "factorised_base", "kl_divergence", "restrict"]

@@ -36,6 +36,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.nn import PyroModule
 
 from .distributions import SparseNormal, factorised_base
+from .kernels import LinearPattern
 
 
 def init_to_normal(site=None, std=0.01):
@@ -105,6 +106,13 @@ class SparseSubspaceGuide(AutoGuide):
     :param init_scale: initial standard deviation: a float, or a pair ``(mean, std)`` for
         ``|N(mean, std^2)|`` draws (the reference code's ``(6e-4, 5e-4)``, the default).
     :param str scale_transform: ``"softplus"`` (default) or ``"exp"``: ``sigma = t(rho)``.
+    :param sparse_kernels: how ``F.linear`` runs on a sparse 2-d site (:mod:`pyro_ssvi.kernels`):
+        ``"auto"`` (default) measures the sparse CSR kernel against the dense product the first
+        time each call shape occurs and keeps the faster (the sparse one only when it is below
+        ``kernels.SPARSE_MARGIN`` of the dense time); ``True`` always uses the sparse kernel;
+        ``False`` never (samples are dense, zero-filled tensors). A mapping ``site name ->
+        choice`` sets sites one by one (unnamed sites: ``"auto"``). Dense sites (density 1) and
+        sites that are not 2-d always run dense. :meth:`kernel_report` lists the measurements.
     """
 
     def __init__(
@@ -116,8 +124,11 @@ class SparseSubspaceGuide(AutoGuide):
         init_loc_fn=init_to_normal,
         init_scale=(6e-4, 5e-4),
         scale_transform="softplus",
+        sparse_kernels="auto",
     ):
         self._density = self._check_density(density)
+        self._kernel_choice = self._check_kernels(sparse_kernels)
+        self._patterns = {}
         if isinstance(dense_sites, str) or not all(isinstance(s, str) for s in dense_sites):
             raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
         self._dense_sites = frozenset(dense_sites)
@@ -134,18 +145,24 @@ class SparseSubspaceGuide(AutoGuide):
 
     # argument checks -----------------------------------------------------------------
     @staticmethod
-    def _check_density(density):
+    def _check_per_site(arg, value, ok, expected):
+        """``value`` (one setting, or a mapping site -> setting) after checking every setting with ``ok``."""
+        if isinstance(value, Mapping):
+            bad = {k: v for k, v in value.items() if not ok(v)}
+            if bad:
+                raise ValueError(f"{arg}: every value must be {expected}, got {bad}")
+            return dict(value)
+        if not ok(value):
+            raise ValueError(f"{arg}: expected {expected} or a mapping site -> value, got {value!r}")
+        return value
+
+    @classmethod
+    def _check_density(cls, density):
         def ok(x):
             return not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 < x <= 1.0
 
-        if isinstance(density, Mapping):
-            bad = {k: v for k, v in density.items() if not ok(v)}
-            if bad:
-                raise ValueError(f"density: expected values in (0, 1], got {bad}")
-            return dict(density)
-        if not ok(density):
-            raise ValueError(f"density: expected a float in (0, 1] or a mapping site -> density, got {density!r}")
-        return float(density)
+        density = cls._check_per_site("density", density, ok, "a float in (0, 1]")
+        return density if isinstance(density, dict) else float(density)
 
     @staticmethod
     def _check_init_scale(init_scale):
@@ -162,6 +179,15 @@ class SparseSubspaceGuide(AutoGuide):
         ):
             return tuple(float(v) for v in init_scale)
         raise ValueError(f"init_scale: expected a positive float or a pair (mean, std), got {init_scale!r}")
+
+    @classmethod
+    def _check_kernels(cls, choice):
+        return cls._check_per_site("sparse_kernels", choice, lambda v: v is True or v is False or v == "auto", "'auto', True or False")
+
+    def _site_kernel_choice(self, name):
+        if isinstance(self._kernel_choice, dict):
+            return self._kernel_choice.get(name, "auto")
+        return self._kernel_choice
 
     def _site_density(self, name):
         if name in self._dense_sites:
@@ -230,6 +256,9 @@ class SparseSubspaceGuide(AutoGuide):
         unknown -= set(sites)
         if unknown:
             raise ValueError(f"density/dense_sites: unknown site names {sorted(unknown)}; the model has {list(sites)}")
+        unknown = set(self._kernel_choice) - set(sites) if isinstance(self._kernel_choice, dict) else set()
+        if unknown:
+            raise ValueError(f"sparse_kernels: unknown site names {sorted(unknown)}; the model has {list(sites)}")
         self._sites = sites
         # Drop the prototype trace: it holds a dense copy of every weight.
         self.prototype_trace = None
@@ -316,7 +345,38 @@ class SparseSubspaceGuide(AutoGuide):
         """The site's :class:`~pyro_ssvi.distributions.SparseNormal`."""
         info = self.site_info(name)
         index = None if info.full else self.active_index(name)
-        return SparseNormal(self.loc(name), self.scale(name), index, info.shape)
+        return SparseNormal(self.loc(name), self.scale(name), index, info.shape, pattern=self.kernel_pattern(name))
+
+    def kernel_pattern(self, name):
+        """The site's :class:`~pyro_ssvi.kernels.LinearPattern` (rebuilt when its active set has changed),
+        or ``None`` when the site runs dense (see ``sparse_kernels``)."""
+        info = self.site_info(name)
+        choice = self._site_kernel_choice(name)
+        if info.full or len(info.shape) != 2 or choice is False:
+            return None
+        index = self.active_index(name)
+        pattern = self._patterns.get(name)
+        if pattern is None or not pattern.built_from(index):
+            # a subspace update (or a move to another device) changed the active set: new structure,
+            # same measured choices (the site's size and density are unchanged)
+            decisions = pattern.decisions if pattern is not None and pattern.shape == info.shape else None
+            pattern = LinearPattern(index, info.shape, policy="sparse" if choice is True else "auto", decisions=decisions)
+            self._patterns[name] = pattern
+        return pattern
+
+    def kernel_report(self):
+        """``{site: [{"rows", "dtype", "device", "sparse", "dense_s", "sparse_s"}, ...]}``: the
+        measured kernel choices of each 2-d sparse site (one entry per call shape met so far)."""
+        self._require_setup("kernel_report")
+        out = {}
+        for name, pattern in self._patterns.items():
+            out[name] = [
+                {"rows": key[0], "dtype": str(key[1]), "device": str(key[2]), **decision}
+                for key, decision in pattern.decisions.items()
+            ]
+            if pattern.policy == "sparse":
+                out[name].append({"rows": None, "sparse": True, "forced": True})
+        return out
 
     def active_mask(self, name):
         """Boolean tensor shaped like the site, true on the active set."""
@@ -328,7 +388,10 @@ class SparseSubspaceGuide(AutoGuide):
 
     # Pyro guide ------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        """Sample every latent site; returns ``{site name: dense sample}``."""
+        """Sample every latent site; returns ``{site name: sample}``.
+
+        A sample is the site's dense tensor, or for a 2-d site on sparse kernels a
+        :class:`~pyro_ssvi.kernels.SparseWeight` that behaves as that dense tensor."""
         if self._sites is None:
             self._setup_prototype(*args, **kwargs)
         result = {}

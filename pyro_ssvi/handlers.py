@@ -129,7 +129,8 @@ class DataGradientMessenger(Messenger):
         out = {}
         for name, probe, numel in self._probes:
             if probe.grad is not None:
-                g = probe.grad.reshape(-1, numel).sum(0)
+                g = probe.grad.reshape(-1, numel)
+                g = g[0] if g.shape[0] == 1 else g.sum(0)  # one pass: no dense copy
                 out[name] = out[name] + g if name in out else g
         self._probes = []
         return out

@@ -8,9 +8,10 @@ pre-activation is Gaussian too, so it is sampled directly::
 
 Every example gets its own noise, which lowers the gradient variance sharply
 compared with one weight sample per minibatch. For a
-:class:`~pyro_ssvi.SparseNormal` site, ``mu`` and ``sigma^2`` are scattered into
-weight-sized tensors (zeros off the active set); nothing larger than the weight
-is materialised.
+:class:`~pyro_ssvi.SparseNormal` site, ``mu`` and ``sigma^2`` are weight-shaped tensors that
+are zero off the active set: :class:`~pyro_ssvi.kernels.SparseWeight` (active values only, and
+sparse kernels for both products) where the guide chose sparse kernels for the site, dense
+scattered tensors otherwise.
 
 How it works: inside the handler, every sample a *guide* draws from a Gaussian
 (:class:`~pyro_ssvi.SparseNormal`, or the ``Normal`` auxiliary site of Pyro's
@@ -48,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from .batched import CONV_ARGS, CONV_SPATIAL_DIMS
 from .distributions import SparseNormal
+from .kernels import TENSOR_METADATA
 
 _SIGNATURES = {F.linear: ("input", "weight", "bias"), **{conv: CONV_ARGS for conv in CONV_SPATIAL_DIMS}}
 
@@ -58,23 +60,8 @@ def _unexpand(t):
     return t[index]
 
 
-#: functions that read a tensor's metadata; they never count as "using" a weight
-_METADATA = {
-    torch.Tensor.shape.__get__,
-    torch.Tensor.dtype.__get__,
-    torch.Tensor.device.__get__,
-    torch.Tensor.requires_grad.__get__,
-    torch.Tensor.grad_fn.__get__,
-    torch.Tensor.is_leaf.__get__,
-    torch.Tensor.size,
-    torch.Tensor.dim,
-    torch.Tensor.numel,
-    torch.Tensor.__len__,
-    torch.Tensor.is_floating_point,
-    torch.zeros_like,
-    torch.ones_like,
-    torch.empty_like,
-}
+#: functions that read a tensor's metadata (or make a new tensor like it); they never count as "using" a weight
+_METADATA = TENSOR_METADATA | {torch.Tensor.grad_fn.__get__, torch.zeros_like, torch.ones_like, torch.empty_like}
 
 
 #: additions ``sample + shift`` keep a Gaussian weight Gaussian: N(mu + shift, sigma^2)
@@ -84,12 +71,16 @@ _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__
 class _Entry:
     """A registered Gaussian weight sample, or a shifted copy of one (``root`` counts its uses)."""
 
-    __slots__ = ("tensor", "name", "fn", "shift", "root", "uses")
+    __slots__ = ("tensor", "name", "fn", "shift", "_root", "uses")
 
     def __init__(self, tensor, name, fn, shift=None, root=None):
         self.tensor, self.name, self.fn, self.shift = tensor, name, fn, shift
-        self.root = self if root is None else root
+        self._root = root  # None for a root: no reference to itself, so no cycle keeps a pass's samples alive
         self.uses = 0
+
+    @property
+    def root(self):
+        return self if self._root is None else self._root
 
 
 def _gaussian(fn):
@@ -346,7 +337,8 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         dims shared by every particle (expanded, stride 0) are kept at size 1."""
         fn = entry.fn
         if isinstance(fn, SparseNormal):
-            mean, var = fn.scatter(_unexpand(fn.loc)), fn.scatter(_unexpand(fn.scale) ** 2)
+            # weight-shaped: sparse weights (no dense copy) where the site has a kernel pattern
+            mean, var = fn.embed(_unexpand(fn.loc)), fn.embed(_unexpand(fn.scale) ** 2)
         else:
             base = _gaussian(fn)
             shape = weight.shape[: weight.dim() - base.loc.dim()] + base.loc.shape

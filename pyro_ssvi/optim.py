@@ -108,6 +108,7 @@ def fresh_adam_correction(optim, params, births, groups=None):
     """
     groups = adam_param_groups(optim) if groups is None else groups
     corrected = 0
+    factors = {}  # per (t, b1, b2): the slots' bias corrections, shared by the site's parameters
     for p in params:
         if id(p) not in groups:
             continue
@@ -115,21 +116,42 @@ def fresh_adam_correction(optim, params, births, groups=None):
         state = opt.state.get(p)
         if not state or "exp_avg" not in state:
             continue
-        b1, b2 = group["betas"]
+        b1, b2 = (float(b) for b in group["betas"])
         lr, eps = float(group["lr"]), float(group["eps"])
         t = int(state["step"])
-        inv1, inv2 = _inverse_bias_corrections(float(b1), float(b2), p.dtype, p.device)
-        horizon = min(t, inv1.numel() - 1)
-        young = births > max(t - horizon, 0)  # born after set-up, less than `horizon` steps ago
-        if not young.any():
+        key = (t, b1, b2)
+        if key not in factors:
+            factors[key] = _slot_corrections(births, t, b1, b2, p.dtype, p.device)
+        n_young, shared1, shared2, c1, c2 = factors[key]
+        if n_young == 0:
             continue
-        idx = (t - births).clamp_(1, horizon).reshape(-1)  # each slot's age (any valid index when not young)
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        fresh = m * inv1.index_select(0, idx).reshape(m.shape) / ((v * inv2.index_select(0, idx).reshape(v.shape)).sqrt() + eps)
-        shared = m * (1 / (1 - b1**t)) / ((v * (1 / (1 - b2**t))).sqrt() + eps)
-        p.add_(torch.where(young, shared - fresh, torch.zeros((), dtype=p.dtype, device=p.device)), alpha=lr)
-        corrected += int(young.sum())
+        # p += lr * (shared step - fresh step); exactly 0 where a slot's factors are the shared ones
+        step = m * (shared1 / ((v * shared2).sqrt_().add_(eps)) - c1.reshape(m.shape) / ((v * c2.reshape(v.shape)).sqrt_().add_(eps)))
+        p.add_(step, alpha=lr)
+        corrected += n_young
     return corrected
+
+
+def _slot_corrections(births, t, b1, b2, dtype, device):
+    """Adam's inverse bias corrections per slot: a fresh Adam's (age ``t - birth``) for young slots, the
+    shared ones (age ``t``) elsewhere, looked up in one table so both are the same float bits."""
+    inv1, inv2 = _inverse_bias_corrections(b1, b2, dtype, device)
+    horizon = min(t, inv1.numel() - 1)
+    lo = max(t - horizon, 0)  # young: born after step lo (after set-up, less than `horizon` steps ago)
+    shared1 = torch.tensor(1 / (1 - b1**t), dtype=dtype, device=device)
+    shared2 = torch.tensor(1 / (1 - b2**t), dtype=dtype, device=device)
+    flat = births.reshape(-1)
+    n_young = int((flat > lo).sum())
+    if n_young == 0:
+        return 0, shared1, shared2, None, None
+    # tables over birth steps lo .. t: entry 0 (born at or before lo: not young) holds the shared factors,
+    # entry j the factors of age t - lo - j (at least 1)
+    ages = (t - lo - torch.arange(1, t - lo + 1, device=device)).clamp_(min=1)
+    idx = (flat - lo).clamp_(0, t - lo)
+    c1 = torch.cat([shared1.reshape(1), inv1[ages]]).index_select(0, idx)
+    c2 = torch.cat([shared2.reshape(1), inv2[ages]]).index_select(0, idx)
+    return n_young, shared1, shared2, c1, c2
 
 
 __all__ = ["adam_param_groups", "fresh_adam_correction", "reset_optimizer_state", "torch_optimizers"]

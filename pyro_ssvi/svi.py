@@ -415,7 +415,7 @@ class SSVI:
             scores = self.removal(loc.detach(), guide.transform_scale(rho.detach()))
             if not torch.is_tensor(scores) or scores.shape != loc.shape:
                 raise ValueError(f"removal: the criterion returned shape {getattr(scores, 'shape', None)} for site {name!r}, expected {tuple(loc.shape)}")
-            grad = grads.get(name)
+            grad = grads.pop(name, None)  # released after this site: one dense gradient alive at a time
             if grad is not None and self.dense_grad_hook is not None:
                 grad = self.dense_grad_hook(name, grad)
             if grad is None and needs_gradient(self.addition):
@@ -423,7 +423,8 @@ class SSVI:
                     f"site {name!r}: no dense gradient was recorded on step {t}; the model does not use the "
                     "sampled value differentiably. Use addition='random' for such sites."
                 )
-            decision = select_swap(index, scores, n, info.numel, lambda cand: self.addition(grad, cand))
+            decision = select_swap(index, scores, n, info.numel, lambda cand: self.addition(grad, cand),
+                                   overwrite_scores=getattr(self.addition, "fresh_scores", False))
             abs_removed = index[torch.topk(loc.abs(), n, largest=False, sorted=False).indices]
             overlap = torch.isin(decision.removed, abs_removed).sum().item() / n
             if self.new_scale == "mean":
@@ -431,6 +432,7 @@ class SSVI:
             else:
                 new_rho = inverse_scale_transform(self.new_scale, guide.scale_transform).to(rho)
             guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho, step=t)
+            guide.kernel_pattern(name)  # rebuild the site's sparse-kernel structure now, on the update step
             reset_optimizer_state(self.optim, (loc, rho), decision.positions)
             record["swapped"][name] = int(decision.positions.numel())
             record["abs_mean_overlap"][name] = overlap

@@ -51,15 +51,24 @@ def test_digits_benchmark(tmp_path):
 
 
 def test_cost_benchmark(tmp_path):
-    run("cost.py", "--models", "mlp3,resnet18", "--mlp-width", "32", "--width", "4", "--repeats", "2", "--warmup", "1", "--update-every", "2", tmp_path=tmp_path)
+    # --baseline-ref HEAD: the same rows once more from a worktree of the last commit
+    run("cost.py", "--models", "mlp3,resnet18", "--mlp-width", "32", "--width", "4", "--repeats", "2", "--warmup", "1", "--update-every", "2",
+        "--baseline-ref", "HEAD", tmp_path=tmp_path)
     md, payload = outputs(tmp_path, "cost")
     runs = payload["results"]
-    assert len(runs) == 16
+    assert len(runs) == 24  # 2 models x 2 samplings x 5 guides, and SSVI 0.1 at the baseline commit
+    assert sum(r["kernels"] == "baseline" for r in runs) == 4 and "SSVI 0.1 at HEAD" in md
     for r in runs:
         assert r["seconds_per_step"] > 0 and r["peak_memory_bytes"] > 0 and r["guide_bytes"] > 0
     sparse = [r for r in runs if r["density"] == 0.1 and r["model"] == "mlp3"]
+    assert sorted(map(str, (r["kernels"] for r in sparse))) == ["False", "False", "auto", "auto", "baseline", "baseline"]
     assert all(r["update_step_seconds"] is not None for r in sparse)
-    assert "Targets" in md and "x AutoNormal" in md
+    # the kernel choice of every 2-d sparse site is recorded; kernels off records none
+    for r in sparse:
+        if r["kernels"] != "baseline":
+            assert bool(r["kernel_choices"]) == (r["kernels"] == "auto")
+    assert "Targets (sparse kernels" in md and "x AutoNormal" in md and "kernels off" in md
+    assert "<= 0.5x SSVI at HEAD" in md  # the memory target is checked against the baseline commit
 
 
 def test_adam_reset_benchmark(tmp_path):
@@ -85,7 +94,8 @@ def test_exploration_benchmark(tmp_path):
     "script, flag",
     [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
      ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg"),
-     ("distributed.py", "--procs=0"), ("sparse_kernels.py", "--densities=2")],
+     ("distributed.py", "--procs=0"), ("sparse_kernels.py", "--densities=2"),
+     ("cost.py", "--baseline-ref=no-such-commit")],
 )
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
@@ -113,9 +123,12 @@ def test_distributed_benchmark(tmp_path):
 
 
 def test_sparse_kernels_benchmark(tmp_path):
-    run("sparse_kernels.py", "--widths", "64", "--densities", "0.1,0.5", "--repeats", "1", "--blocks", "1", tmp_path=tmp_path)
+    run("sparse_kernels.py", "--widths", "64", "--densities", "0.1,0.5", "--repeats", "1", "--blocks", "1", "--conv-batch", "2", tmp_path=tmp_path)
     md, payload = outputs(tmp_path, "sparse_kernels")
-    rows = payload["results"]
+    rows, convs = payload["results"]["linear"], payload["results"]["conv"]
     assert [(r["width"], r["density"]) for r in rows] == [(64, 0.1), (64, 0.5)]
-    assert all(r["max_relative_error"] < 1e-5 for r in rows)  # the CSR path computes what the dense one does
-    assert "Crossover" in md
+    assert [(c["channels"], c["size"]) for c in convs] == [(64, 32), (128, 16), (256, 8), (512, 4)]
+    # the CSR paths compute what the dense ones do
+    assert all(r["max_relative_error"] < 1e-5 for r in rows + convs)
+    assert all(isinstance(r["auto_picks_sparse"], bool) for r in rows)
+    assert "Crossover" in md and "Convolutions" in md

@@ -307,3 +307,29 @@ def test_handler_is_reentrant_and_a_failed_enter_leaves_nothing_installed(monkey
     with handler:  # usable again
         assert _PYRO_STACK.count(handler) == 1
     assert modes() == base
+
+
+def test_a_pass_leaves_no_reference_cycle_holding_its_samples():
+    """Samples are freed when the pass ends, not at the next garbage collection (memory growth)."""
+    import gc
+    import weakref
+
+    model = LinearNet()
+    guide = SparseSubspaceGuide(model, density=0.5)
+    x = torch.randn(3, 6)
+    guide(x)
+    lrt = LocalReparameterizationMessenger()
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for _ in range(3):  # the first pass probes, the next ones use local reparameterisation
+            with lrt:
+                tr = pyro.poutine.trace(guide).get_trace(x)
+                pyro.poutine.replay(model, tr)(x)
+            refs.append(weakref.ref(tr.nodes["fc.weight"]["value"]))
+            del tr
+        assert lrt.eligible == {"fc.weight": True}
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

@@ -64,3 +64,40 @@ def test_select_swap_zero_and_bad_n():
     assert d.positions.numel() == 0
     with pytest.raises(ValueError, match="n:"):
         select_swap(index, torch.ones(2), 3, 5, lambda c: torch.zeros(5))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_select_swap_overwrites_scores_only_when_allowed(overwrite):
+    """A user's score tensor is left alone unless the criterion declares its scores fresh."""
+    index = torch.tensor([2, 5, 7, 9])
+    add = torch.arange(12.0)
+    before = add.clone()
+    d = select_swap(index, torch.tensor([4.0, 1.0, 3.0, 0.5]), 2, 12, lambda cand: add, overwrite_scores=overwrite)
+    assert set(d.added.tolist()) == {10, 11}  # the same decision either way
+    assert torch.equal(add, before) != overwrite
+    if overwrite:  # kept entries (2, 7) were masked in place
+        assert add[2] == -float("inf") and add[7] == -float("inf")
+
+
+@pytest.mark.parametrize("n", [1, 7, 500, 20000, 60000])
+def test_top_n_selects_what_topk_selects(n):
+    """The thresholded selection returns topk's set, with masked (-inf) entries and on large inputs."""
+    from pyro_ssvi.subspace import top_n
+
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(200_000, generator=g)
+    scores[torch.randperm(200_000, generator=g)[:20_000]] = -float("inf")  # kept entries, masked
+    state = torch.get_rng_state()
+    chosen = top_n(scores, n)
+    assert torch.equal(torch.get_rng_state(), state)  # its sample does not consume the global RNG
+    assert chosen.numel() == n and set(chosen.tolist()) == set(torch.topk(scores, n).indices.tolist())
+
+
+def test_top_n_falls_back_on_ties_and_small_inputs():
+    from pyro_ssvi.subspace import top_n
+
+    flat = torch.zeros(100_000)
+    flat[:3] = 1.0
+    assert set(top_n(flat, 3).tolist()) == {0, 1, 2}  # all-equal sample: the cut keeps everything, topk decides
+    assert top_n(flat, 50_000).numel() == 50_000
+    assert set(top_n(torch.tensor([0.5, 2.0, 1.0]), 2).tolist()) == {1, 2}

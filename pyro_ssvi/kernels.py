@@ -1,0 +1,378 @@
+r"""Sparse kernels for linear layers whose weight is a sparse SSVI site.
+
+A sparse site keeps ``k = density * out * in`` active weights (Li, Miao, Qiu, Zhang, ICLR 2024,
+arXiv 2402.11025). Written as a dense, zero-filled ``(out, in)`` matrix, ``y = x W^T`` costs as
+much as dense VI. Here ``W`` is a CSR matrix on the active set instead, and a training step never
+forms a dense weight or a dense weight gradient:
+
+.. math::
+
+    y = (W x^\top)^\top, \qquad
+    \frac{\partial L}{\partial x} = (W^\top g^\top)^\top, \qquad
+    \frac{\partial L}{\partial v_e} = \sum_b g_{b, r_e}\, x_{b, c_e}
+
+for output gradient ``g`` and active entry ``e`` at row ``r_e``, column ``c_e``: PyTorch's CSR
+product for the forward, a CSR copy of ``W^T`` (its structure cached) for the input gradient, and
+``torch.sparse.sampled_addmm`` for the value gradient (``g^T x`` computed at the active
+positions only).
+
+* :class:`LinearPattern`: the CSR structures of ``W`` and ``W^T`` for one active set; built
+  once per active set (the guide rebuilds it when a subspace update changes the set).
+* :func:`sparse_linear`: ``F.linear`` on active values and a pattern, differentiable in the
+  input and the values.
+* :class:`SparseWeight`: a weight-shaped tensor that holds only the active values. A
+  :class:`~pyro_ssvi.SparseNormal` with a pattern samples one; ``F.linear`` on it runs the
+  sparse kernel, and any other operation sees the equivalent dense tensor (built on demand, so
+  results are always exact). ``log_prob`` of the site reads the active values directly.
+
+Kernel choice. Sparse kernels win only at low density and large enough layers (see
+``benchmarks/results/sparse_kernels.md``), so with ``policy="auto"`` each pattern *measures* both
+paths the first time it meets a call shape (batch rows, dtype, device, which gradients are
+needed): a few forward + backward passes of each, on the call's own input and values, and keeps
+the sparse kernel only when its median time is below :data:`SPARSE_MARGIN` times the dense one.
+``policy="sparse"`` skips the measurement. Choose per site with the guide's ``sparse_kernels``
+argument.
+"""
+
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+#: the sparse kernel is chosen only when it measures faster than this fraction of the dense time
+SPARSE_MARGIN = 0.9
+
+#: timed forward + backward passes per path when measuring a call shape (after one warm-up each)
+MEASURE_REPEATS = 5
+
+#: functions that only read a tensor's metadata (answered by a SparseWeight without densifying)
+TENSOR_METADATA = frozenset({
+    torch.Tensor.shape.__get__,
+    torch.Tensor.dtype.__get__,
+    torch.Tensor.device.__get__,
+    torch.Tensor.requires_grad.__get__,
+    torch.Tensor.is_leaf.__get__,
+    torch.Tensor.ndim.__get__,
+    torch.Tensor.layout.__get__,
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.__len__,
+    torch.Tensor.is_floating_point,
+})
+
+
+def _csr(crow, col, values, shape):
+    with warnings.catch_warnings():  # PyTorch says once per process that CSR support is "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _compressed(major, minor, n_major, order, dtype):
+    """CSR ``crow``/``col`` for entries sorted by ``order`` (row-major in the compressed dim)."""
+    crow = torch.zeros(n_major + 1, dtype=dtype, device=major.device)
+    crow[1:] = torch.bincount(major, minlength=n_major).cumsum(0)
+    return crow, minor[order].to(dtype).contiguous()
+
+
+class LinearPattern:
+    r"""CSR structures of an ``(out, in)`` weight with active flat positions ``index``, and of ``W^T``.
+
+    ``index`` lists the active entries in the guide's storage order (any order, no repeats); the
+    pattern remembers the permutations from that order to the row-major order of ``W`` and of
+    ``W^T``, so values are passed in storage order.
+
+    :param torch.Tensor index: flat (row-major) positions, shape ``(k,)``, any integer dtype.
+    :param shape: ``(out, in)``.
+    :param str policy: ``"auto"`` (measure each call shape, :meth:`use_sparse`) or ``"sparse"``.
+    :param dict decisions: measured choices to start from (a rebuilt pattern keeps its site's).
+
+        >>> pattern = LinearPattern(torch.tensor([5, 0, 3]), (2, 4))
+        >>> pattern.dense(torch.tensor([1., 2., 3.]))
+        tensor([[2., 0., 0., 3.],
+                [0., 1., 0., 0.]])
+    """
+
+    def __init__(self, index, shape, policy="auto", decisions=None):
+        if policy not in ("auto", "sparse"):
+            raise ValueError(f"policy: expected 'auto' or 'sparse', got {policy!r}")
+        if len(shape) != 2:
+            raise ValueError(f"shape: expected (out, in), got {tuple(shape)}")
+        self.source, self.version = index, index._version  # the active set this pattern was built from
+        self.shape, self.policy = torch.Size(shape), policy
+        self.decisions = {} if decisions is None else decisions
+        out_f, in_f = self.shape
+        flat = index.long()
+        self.index = flat
+        rows, cols = flat // in_f, flat % in_f
+        self.order = torch.argsort(flat)  # storage slot of each CSR entry of W
+        # int32 indices where they fit: PyTorch's MKL (CPU) kernels otherwise convert them at every call
+        dtype = torch.int32 if max(self.shape.numel(), flat.numel() + 1) < 2**31 else torch.int64
+        self.crow, self.col = _compressed(rows, cols, out_f, self.order, dtype)
+        self.t_order = torch.argsort(cols * out_f + rows)  # storage slot of each CSR entry of W^T
+        self.t_crow, self.t_col = _compressed(cols, rows, in_f, self.t_order, dtype)
+        self._structures = {}
+
+    @property
+    def num_active(self):
+        return self.index.numel()
+
+    def __getstate__(self):
+        # sparse CSR tensors cannot be copied or pickled: copies rebuild them on first use
+        return {**self.__dict__, "_structures": {}}
+
+    def built_from(self, index):
+        """Whether this pattern describes ``index`` as it is now (same tensor, not modified since)."""
+        return index is self.source and index._version == self.version
+
+    def csr(self, values):
+        """``W`` as a CSR tensor, for ``values`` in storage order."""
+        return _csr(self.crow, self.col, values.index_select(0, self.order), self.shape)
+
+    def structure(self, like):
+        """``W``'s CSR structure with placeholder values of ``like``'s dtype and device (cached), for
+        kernels that read only the structure (``sampled_addmm`` with ``beta=0``)."""
+        key = (like.dtype, like.device)
+        if key not in self._structures:
+            self._structures[key] = _csr(self.crow, self.col, torch.zeros(self.num_active, dtype=like.dtype, device=like.device), self.shape)
+        return self._structures[key]
+
+    def csr_t(self, values):
+        """``W^T`` as a CSR tensor, for ``values`` in storage order."""
+        return _csr(self.t_crow, self.t_col, values.index_select(0, self.t_order), self.shape[::-1])
+
+    def dense(self, values):
+        """The dense ``(out, in)`` weight (zeros off the active set); differentiable in ``values``."""
+        flat = values.new_zeros(self.shape.numel()).scatter(0, self.index, values)
+        return flat.reshape(self.shape)
+
+    def use_sparse(self, x2d, values):
+        """Whether the sparse kernel runs for this call; ``"auto"`` measures a new call shape once."""
+        if self.policy == "sparse":
+            return True
+        key = (x2d.shape[0], x2d.dtype, x2d.device, torch.is_grad_enabled() and x2d.requires_grad,
+               torch.is_grad_enabled() and values.requires_grad)
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.decisions[key] = measure(self, x2d, values)
+        return decision["sparse"]
+
+
+class _CSRLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, values, pattern):
+        xt = x2d.t().contiguous()
+        y = (pattern.csr(values) @ xt).t().contiguous()
+        ctx.pattern = pattern
+        ctx.save_for_backward(xt, values)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xt, values = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_x = grad_values = None
+        gt = grad.t().contiguous()
+        if ctx.needs_input_grad[0]:
+            grad_x = (pattern.csr_t(values) @ gt).t()
+        if ctx.needs_input_grad[1]:
+            sampled = torch.sparse.sampled_addmm(pattern.structure(values), gt, xt.t(), beta=0.0).values()
+            grad_values = torch.empty_like(sampled).index_copy_(0, pattern.order, sampled)
+        return grad_x, grad_values, None
+
+
+def _check_input(x, shape):
+    if x.dim() < 1 or x.shape[-1] != shape[1]:
+        raise RuntimeError(f"sparse_linear: input's last dim must be {shape[1]} (the weight's in_features), "
+                           f"got input of shape {tuple(x.shape)}")
+
+
+def sparse_linear(input, values, pattern, bias=None):
+    r"""``F.linear(input, W, bias)`` for the sparse ``W`` given by ``values`` (storage order) on ``pattern``.
+
+    .. math:: y = x W^\top + b, \qquad W_{r_e c_e} = v_e
+
+    Differentiable in ``input``, ``values`` and ``bias``; the backward pass forms neither a dense
+    weight nor a dense weight gradient. ``input`` may have any leading dims.
+
+        >>> pattern = LinearPattern(torch.tensor([5, 0, 3]), (2, 4))
+        >>> v, x = torch.tensor([1., 2., 3.]), torch.randn(7, 4)
+        >>> torch.allclose(sparse_linear(x, v, pattern), F.linear(x, pattern.dense(v)))
+        True
+    """
+    _check_input(input, pattern.shape)
+    lead = input.shape[:-1]
+    y = _CSRLinear.apply(input.reshape(-1, pattern.shape[1]), values, pattern).reshape(lead + (pattern.shape[0],))
+    return y if bias is None else y + bias
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _elapsed(fn, device):
+    """Wall-clock seconds of ``fn()``, device work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(pattern, x2d, values, repeats=None):
+    """Time the dense and the sparse path of one call shape; returns ``{"sparse": bool, "dense_s", "sparse_s"}``.
+
+    Both paths run forward (and backward, for the gradients the call needs) on detached copies of
+    the call's own input and values, alternately, one warm-up and ``repeats`` timed passes each
+    (:data:`MEASURE_REPEATS`); the dense path is what a sparse site costs without this module:
+    scatter into a zero weight, ``F.linear``, backward through both. Torch-function modes (Pyro
+    handlers' interceptions) are off while timing.
+    """
+    repeats = MEASURE_REPEATS if repeats is None else repeats
+    grad = torch.is_grad_enabled()
+    needs_x = grad and x2d.requires_grad
+    needs_v = grad and values.requires_grad
+    x = x2d.detach().requires_grad_(needs_x)
+    v = values.detach().requires_grad_(needs_v)
+
+    def dense():
+        y = F.linear(x, pattern.dense(v))
+        if needs_x or needs_v:
+            y.backward(torch.ones_like(y))
+
+    def sparse():
+        y = _CSRLinear.apply(x, v, pattern)
+        if needs_x or needs_v:
+            y.backward(torch.ones_like(y))
+
+    times = {"dense": [], "sparse": []}
+    try:
+        with torch._C.DisableTorchFunction():
+            for i in range(repeats + 1):
+                for name, fn in (("dense", dense), ("sparse", sparse)):
+                    seconds = _elapsed(fn, x.device)
+                    if i:  # the first pass of each warms up
+                        times[name].append(seconds)
+    except RuntimeError as e:  # no sparse kernel for this dtype / device
+        return {"sparse": False, "dense_s": None, "sparse_s": None, "error": str(e).splitlines()[0]}
+    dense_s, sparse_s = statistics.median(times["dense"]), statistics.median(times["sparse"])
+    return {"sparse": sparse_s < SPARSE_MARGIN * dense_s, "dense_s": dense_s, "sparse_s": sparse_s}
+
+
+def _densify(obj):
+    if isinstance(obj, SparseWeight):
+        return obj.materialize()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_densify(o) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _densify(o) for key, o in obj.items()}
+    return obj
+
+
+#: ``a + b``: a sparse weight plus a dense tensor of its shape stays lazy (a shifted sparse weight)
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+
+class SparseWeight(torch.Tensor):
+    r"""A weight-shaped tensor that stores only its active values (on a :class:`LinearPattern`).
+
+    ``F.linear(x, w, b)`` runs :func:`sparse_linear` (when the pattern's choice says the sparse kernel
+    is faster for this call shape); every other operation receives the dense tensor (zeros off the
+    active set), built once and kept, so results never depend on the representation. Gradients flow
+    to ``active`` either way.
+
+    Adding a dense tensor of the same shape, ``w + s``, gives a *shifted* sparse weight that keeps
+    ``s`` apart: ``F.linear(x, w + s) = sparse_linear(x, w) + F.linear(x, s)``. This is how the zero
+    probe of :class:`~pyro_ssvi.handlers.DataGradientMessenger` gets the dense data gradient on update
+    steps without a dense copy of the weight.
+
+        >>> pattern = LinearPattern(torch.tensor([5, 0, 3]), (2, 4), policy="sparse")
+        >>> w = SparseWeight(torch.tensor([1., 2., 3.]), pattern)
+        >>> w.shape, float(w.sum())
+        (torch.Size([2, 4]), 6.0)
+        >>> F.linear(torch.ones(1, 4), w)
+        tensor([[5., 1.]])
+
+    :param torch.Tensor active: the active values in storage order, shape ``(k,)``.
+    :param LinearPattern pattern: where they sit.
+    :param torch.Tensor shift: an optional dense tensor of the weight's shape added to it.
+    """
+
+    @staticmethod
+    def __new__(cls, active, pattern, shift=None):
+        if active.shape != (pattern.num_active,):
+            raise ValueError(f"active: expected shape ({pattern.num_active},), got {tuple(active.shape)}")
+        requires_grad = active.requires_grad or (shift is not None and shift.requires_grad)
+        w = torch.Tensor._make_wrapper_subclass(cls, pattern.shape, dtype=active.dtype, device=active.device, requires_grad=requires_grad)
+        w.active, w.pattern, w.shift, w._dense = active, pattern, shift, None
+        return w
+
+    def __init__(self, active, pattern, shift=None):
+        pass
+
+    def __repr__(self):
+        return f"SparseWeight({self.materialize()!r}, active={self.active.numel()})"
+
+    def as_subclass(self, cls):
+        """The dense tensor as ``cls`` (``Tensor.as_subclass`` does not pass through torch function
+        handling; Pyro's ``ProvenanceTensor`` uses it under ``TraceGraph_ELBO``)."""
+        return self.materialize().as_subclass(cls)
+
+    def active_at(self, index):
+        """The active values if ``index`` is the active set this (unshifted) weight lives on, else ``None``."""
+        return self.active if self.shift is None and self.pattern.built_from(index) else None
+
+    def materialize(self):
+        """The equivalent dense tensor (built on first use, then kept)."""
+        grad = torch.is_grad_enabled()
+        if self._dense is None or self._dense[0] != grad:
+            dense = self.pattern.dense(self.active)
+            self._dense = (grad, dense if self.shift is None else dense + self.shift)
+        return self._dense[1]
+
+    def _linear(self, x, bias):
+        _check_input(x, self.pattern.shape)
+        if not self.pattern.use_sparse(x.reshape(-1, x.shape[-1]), self.active):
+            return F.linear(x, self.materialize(), bias)
+        y = sparse_linear(x, self.active, self.pattern, bias)
+        return y if self.shift is None else y + F.linear(x, self.shift)
+
+    def _shifted_by(self, other):
+        """``self + other`` kept lazy, or ``None`` when ``other`` is not a dense tensor of this shape."""
+        if isinstance(other, SparseWeight) or not torch.is_tensor(other):
+            return None
+        if other.shape != self.pattern.shape or other.dtype != self.active.dtype or other.device != self.active.device:
+            return None
+        return SparseWeight(self.active, self.pattern, other if self.shift is None else self.shift + other)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            call = dict(zip(("input", "weight", "bias"), args), **kwargs)
+            w, x, b = call.get("weight"), call.get("input"), call.get("bias")
+            if isinstance(w, SparseWeight) and torch.is_tensor(x) and not isinstance(x, SparseWeight) \
+                    and not isinstance(b, SparseWeight):
+                return w._linear(x, b)
+        elif func in _ADD and not kwargs and len(args) == 2:
+            a, b = args
+            out = a._shifted_by(b) if isinstance(a, SparseWeight) else b._shifted_by(a)
+            if out is not None:
+                return out
+        if func in TENSOR_METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        return func(*_densify(args), **_densify(kwargs))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # every torch call on a SparseWeight is answered in __torch_function__; reaching here means
+        # an operation bypassed it (e.g. inside torch.compile), which has no dense data to read
+        raise RuntimeError(f"SparseWeight: {func} bypassed torch function handling; call .materialize() first "
+                           "or turn sparse kernels off (SparseSubspaceGuide(..., sparse_kernels=False))")
+
+
+__all__ = ["LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "sparse_linear"]
