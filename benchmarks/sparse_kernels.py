@@ -136,8 +136,7 @@ def measure_linear(args):
             build = time.perf_counter() - t0
             err, dense_s, sparse_s = compare(lambda: dense_linear_step(pattern, values, x),
                                              lambda: sparse_linear_step(pattern, values, x), args.repeats, args.blocks, args.device)
-            auto = measure(pattern, x.requires_grad_(), values.requires_grad_())["sparse"]
-            x.requires_grad_(False), values.requires_grad_(False)
+            auto = measure(pattern, x.detach().requires_grad_(), values.detach().requires_grad_())["sparse"]
             rows.append({"width": width, "density": density, "dense_seconds": dense_s, "sparse_seconds": sparse_s,
                          "build_seconds": build, "max_relative_error": err, "auto_picks_sparse": auto})
             print(f"width {width} density {density}: dense {dense_s * 1e3:.2f} ms, sparse {sparse_s * 1e3:.2f} ms "

@@ -179,10 +179,7 @@ class SparseNormal(TorchDistribution):
 
     def gather(self, value):
         """The active coordinates of a dense ``value`` (``... + shape``), shape ``... + (k,)``."""
-        if isinstance(value, SparseWeight) and self.pattern is not None and value.pattern is self.pattern:
-            return value.active
-        flat = _flat(value, self.site_shape)
-        return flat if self.index is None else flat.index_select(-1, self.index)
+        return active_values(value, self.index, self.site_shape)
 
     def embed(self, active):
         """``active`` (``... + (k,)``) as a site-shaped tensor: a :class:`~pyro_ssvi.kernels.SparseWeight`

@@ -479,6 +479,7 @@ class SparseSubspaceGuide(AutoGuide):
         self.loc(name)[positions] = loc
         self.unconstrained_scale(name)[positions] = unconstrained_scale
         self.entry_births(name)[positions] = int(self.ssvi_step) + 1 if step is None else int(step)
+        self.kernel_pattern(name)  # the active set changed: rebuild its sparse-kernel structure now, not in the next step
 
     # checkpoints -----------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict=True, assign=False):

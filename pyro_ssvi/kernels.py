@@ -203,8 +203,12 @@ def sparse_linear(input, values, pattern, bias=None):
         True
     """
     _check_input(input, pattern.shape)
-    lead = input.shape[:-1]
-    y = _CSRLinear.apply(input.reshape(-1, pattern.shape[1]), values, pattern).reshape(lead + (pattern.shape[0],))
+    return _sparse_linear(input.reshape(-1, pattern.shape[1]), input.shape[:-1], values, pattern, bias)
+
+
+def _sparse_linear(x2d, lead, values, pattern, bias):
+    """:func:`sparse_linear` on the input flattened to ``x2d`` (checked), leading dims ``lead``."""
+    y = _CSRLinear.apply(x2d, values, pattern).reshape(lead + (pattern.shape[0],))
     return y if bias is None else y + bias
 
 
@@ -272,8 +276,8 @@ def _densify(obj):
     return obj
 
 
-#: ``a + b``: a sparse weight plus a dense tensor of its shape stays lazy (a shifted sparse weight)
-_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+#: the functions of ``a + b`` (a sparse weight plus a dense tensor of its shape stays lazy: a shifted sparse weight)
+TENSOR_ADD = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__})
 
 
 class SparseWeight(torch.Tensor):
@@ -322,8 +326,11 @@ class SparseWeight(torch.Tensor):
         return self.materialize().as_subclass(cls)
 
     def active_at(self, index):
-        """The active values if ``index`` is the active set this (unshifted) weight lives on, else ``None``."""
-        return self.active if self.shift is None and self.pattern.built_from(index) else None
+        """The active values if ``index`` is the active set this (unshifted) weight lives on (the
+        guide's buffer the pattern was built from, or the pattern's own int64 copy), else ``None``."""
+        if self.shift is not None:
+            return None
+        return self.active if index is self.pattern.index or self.pattern.built_from(index) else None
 
     def materialize(self):
         """The equivalent dense tensor (built on first use, then kept)."""
@@ -335,9 +342,10 @@ class SparseWeight(torch.Tensor):
 
     def _linear(self, x, bias):
         _check_input(x, self.pattern.shape)
-        if not self.pattern.use_sparse(x.reshape(-1, x.shape[-1]), self.active):
+        x2d = x.reshape(-1, x.shape[-1])
+        if not self.pattern.use_sparse(x2d, self.active):
             return F.linear(x, self.materialize(), bias)
-        y = sparse_linear(x, self.active, self.pattern, bias)
+        y = _sparse_linear(x2d, x.shape[:-1], self.active, self.pattern, bias)
         return y if self.shift is None else y + F.linear(x, self.shift)
 
     def _shifted_by(self, other):
@@ -357,7 +365,7 @@ class SparseWeight(torch.Tensor):
             if isinstance(w, SparseWeight) and torch.is_tensor(x) and not isinstance(x, SparseWeight) \
                     and not isinstance(b, SparseWeight):
                 return w._linear(x, b)
-        elif func in _ADD and not kwargs and len(args) == 2:
+        elif func in TENSOR_ADD and not kwargs and len(args) == 2:
             a, b = args
             out = a._shifted_by(b) if isinstance(a, SparseWeight) else b._shifted_by(a)
             if out is not None:

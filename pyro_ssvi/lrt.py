@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from .batched import CONV_ARGS, CONV_SPATIAL_DIMS
 from .distributions import SparseNormal
-from .kernels import TENSOR_METADATA
+from .kernels import TENSOR_ADD, TENSOR_METADATA
 
 _SIGNATURES = {F.linear: ("input", "weight", "bias"), **{conv: CONV_ARGS for conv in CONV_SPATIAL_DIMS}}
 
@@ -64,8 +64,6 @@ def _unexpand(t):
 _METADATA = TENSOR_METADATA | {torch.Tensor.grad_fn.__get__, torch.zeros_like, torch.ones_like, torch.empty_like}
 
 
-#: additions ``sample + shift`` keep a Gaussian weight Gaussian: N(mu + shift, sigma^2)
-_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 
 
 class _Entry:
@@ -127,7 +125,7 @@ class _Mode(TorchFunctionMode):
                 entry = owner._lookup(call.get("weight"))
                 if entry is not None and owner._lookup(call.get("input")) is None:
                     return owner._linear(func, call, entry, args, kwargs)
-            elif func in _ADD and not kwargs and len(args) == 2:
+            elif func in TENSOR_ADD and not kwargs and len(args) == 2:  # sample + shift: N(mu + shift, sigma^2)
                 out = owner._shifted(func, *args)
                 if out is not None:
                     return out

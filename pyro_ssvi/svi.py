@@ -432,7 +432,6 @@ class SSVI:
             else:
                 new_rho = inverse_scale_transform(self.new_scale, guide.scale_transform).to(rho)
             guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho, step=t)
-            guide.kernel_pattern(name)  # rebuild the site's sparse-kernel structure now, on the update step
             reset_optimizer_state(self.optim, (loc, rho), decision.positions)
             record["swapped"][name] = int(decision.positions.numel())
             record["abs_mean_overlap"][name] = overlap

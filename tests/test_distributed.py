@@ -33,49 +33,48 @@ def train(rank, world, case):
     # "trajectory": every rank (and the single process) draws the same weight noise: with weight
     # sampling a draw does not depend on the batch, so the runs must agree step by step
     pyro.set_rng_seed(100 if case == "trajectory" else 100 + rank)  # else ranks start different: SSVI makes them agree
-    if True:
 
-        class Net(PyroModule):
-            def __init__(self):
-                super().__init__()
-                self.fc1 = PyroModule[torch.nn.Linear](8, 16)
-                self.fc1.weight = PyroSample(pdist.Normal(0.0, 1.0).expand([16, 8]).to_event(2))
-                self.fc2 = PyroModule[torch.nn.Linear](16, 3)
-                self.fc2.weight = PyroSample(pdist.Normal(0.0, 1.0).expand([3, 16]).to_event(2))
+    class Net(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = PyroModule[torch.nn.Linear](8, 16)
+            self.fc1.weight = PyroSample(pdist.Normal(0.0, 1.0).expand([16, 8]).to_event(2))
+            self.fc2 = PyroModule[torch.nn.Linear](16, 3)
+            self.fc2.weight = PyroSample(pdist.Normal(0.0, 1.0).expand([3, 16]).to_event(2))
 
-            def forward(self, x, y=None):
-                logits = self.fc2(torch.relu(self.fc1(x)))
-                with pyro.plate("data", 64, subsample=torch.arange(x.shape[0])):
-                    pyro.sample("obs", pdist.Categorical(logits=logits), obs=y)
-                return logits
+        def forward(self, x, y=None):
+            logits = self.fc2(torch.relu(self.fc1(x)))
+            with pyro.plate("data", 64, subsample=torch.arange(x.shape[0])):
+                pyro.sample("obs", pdist.Categorical(logits=logits), obs=y)
+            return logits
 
-        if case == "ddp":
-            pyro.settings.set(module_local_params=True)
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-        shard = slice(rank * 64 // world, (rank + 1) * 64 // world)  # each rank its own share of the data
-        model = Net()
-        guide = SparseSubspaceGuide(model, density=0.3)
-        addition = "random" if case == "random" else "gradient"
-        loss = pyro.infer.Trace_ELBO()
-        if case == "torch_optim":
-            guide(x[:2], y[:2])
-            optim = torch.optim.Adam(list(guide.parameters()) + list(model.parameters()), lr=0.01)
-        elif case == "ddp":  # Pyro's own pattern: DDP around the ELBOModule, a torch optimiser
-            guide(x[:2], y[:2])
-            loss = torch.nn.parallel.DistributedDataParallel(pyro.infer.Trace_ELBO()(model, guide))
-            optim = torch.optim.Adam(loss.parameters(), lr=0.01)
-        else:
-            optim = pyro.optim.Adam({"lr": 0.01})
-        svi = SSVI(model, guide, optim, loss, total_steps=16, update_every=3, addition=addition, removal_fraction=0.5)
-        losses = []
-        for step in range(12):
-            if case == "desync" and rank == 1 and step == 5:  # test-only: rank 1's active set drifts
-                index = guide.active_index("fc2.weight")
-                index[0] = next(i for i in range(48) if i not in set(index.tolist()))
-            losses.append(svi.step(x[shard], y[shard]))
-        state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-        return {"state": state, "history": svi.history, "losses": losses}
+    if case == "ddp":
+        pyro.settings.set(module_local_params=True)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    shard = slice(rank * 64 // world, (rank + 1) * 64 // world)  # each rank its own share of the data
+    model = Net()
+    guide = SparseSubspaceGuide(model, density=0.3)
+    addition = "random" if case == "random" else "gradient"
+    loss = pyro.infer.Trace_ELBO()
+    if case == "torch_optim":
+        guide(x[:2], y[:2])
+        optim = torch.optim.Adam(list(guide.parameters()) + list(model.parameters()), lr=0.01)
+    elif case == "ddp":  # Pyro's own pattern: DDP around the ELBOModule, a torch optimiser
+        guide(x[:2], y[:2])
+        loss = torch.nn.parallel.DistributedDataParallel(pyro.infer.Trace_ELBO()(model, guide))
+        optim = torch.optim.Adam(loss.parameters(), lr=0.01)
+    else:
+        optim = pyro.optim.Adam({"lr": 0.01})
+    svi = SSVI(model, guide, optim, loss, total_steps=16, update_every=3, addition=addition, removal_fraction=0.5)
+    losses = []
+    for step in range(12):
+        if case == "desync" and rank == 1 and step == 5:  # test-only: rank 1's active set drifts
+            index = guide.active_index("fc2.weight")
+            index[0] = next(i for i in range(48) if i not in set(index.tolist()))
+        losses.append(svi.step(x[shard], y[shard]))
+    state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    return {"state": state, "history": svi.history, "losses": losses}
 
 
 def run(tmp_path, case):

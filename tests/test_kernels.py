@@ -223,6 +223,14 @@ def test_sparse_weight_behaves_as_its_dense_tensor():
         assert torch.equal(op(w), op(dense))
     assert torch.equal(w.reshape(-1)[[7, 1, 12, 4]], active)
     assert torch.equal(w.as_subclass(torch.Tensor), dense)  # what Pyro's ProvenanceTensor calls
+    # log densities read the stored values only while they are the weight's values at the active set
+    from pyro_ssvi import SparseNormal
+
+    q = SparseNormal(torch.zeros(4), torch.ones(4), pattern.source, (3, 5), pattern=pattern)
+    shift = torch.full((3, 5), 0.5)
+    for value in (w, w + shift):
+        assert torch.allclose(q.log_prob(value), q.log_prob(value.materialize().detach()))
+    assert isinstance(w + shift, SparseWeight) and (w + shift).active_at(pattern.index) is None
     (w * w).sum().backward()
     assert torch.allclose(active.grad, 2 * active)
     x = torch.randn(2, 4, 5)
