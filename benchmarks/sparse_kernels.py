@@ -7,9 +7,10 @@ at flat positions ``index``), as SSVI trains it: gradients are needed for ``x`` 
 
 * dense: scatter ``v`` into a zero ``(out, in)`` weight, ``F.linear``; backward through the
   scatter (SSVI with ``sparse_kernels=False``);
-* sparse: ``pyro_ssvi.kernels.sparse_linear`` (CSR forward ``W x^T``, input gradient through a
-  cached CSR of ``W^T``, value gradient by ``torch.sparse.sampled_addmm``). No dense weight or
-  dense weight gradient is formed.
+* sparse: ``pyro_ssvi.kernels.sparse_linear`` (forward ``W x^T`` and the input gradient through
+  the cached CSR structure of ``W^T`` as ``F.embedding_bag`` weighted row sums, value gradient by
+  ``torch.sparse.sampled_addmm``), with the values in the row-major order SSVI keeps them in. No
+  dense weight or dense weight gradient is formed.
 
 Times are medians of ``--repeats`` forward+backward passes, both kernels timed in alternation
 in this run; the crossover is the largest measured density at which the sparse kernel is
@@ -39,7 +40,7 @@ def make_layer(numel, density, device, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     k = max(1, round(density * numel))
-    index = torch.randperm(numel, generator=g)[:k]  # storage order: unsorted, as after subspace updates
+    index = torch.randperm(numel, generator=g)[:k].sort().values  # storage in row-major order, as SSVI keeps it
     return index.to(device), torch.randn(k, generator=g).to(device)
 
 
@@ -165,7 +166,7 @@ def measure_conv(args):
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Dense vs sparse (CSR) kernels for a sparse layer, forward + backward.")
+    p = ArgumentParser(description="Dense vs sparse kernels for a sparse layer, forward + backward.")
     p.add_argument("--widths", default="256,1024,4096", help="comma-separated square layer widths")
     p.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.5", help="comma-separated densities")
     p.add_argument("--batch", type=int, default=128)
@@ -203,7 +204,7 @@ def main(argv=None):
     lines = [f"width {w}: sparse faster up to density {crossover[w]}" if w in crossover else f"width {w}: dense faster at every density measured"
              for w in args.widths]
     md = [
-        "# Sparse layers: dense scatter + F.linear / F.conv2d against CSR kernels (pyro_ssvi.kernels)\n",
+        "# Sparse layers: dense scatter + F.linear / F.conv2d against the sparse kernels of pyro_ssvi.kernels (embedding-bag row sums and sampled_addmm over the CSR structure)\n",
         f"Forward + backward (input and value gradients) of one square linear layer, batch {args.batch}, "
         + (f"{args.threads} torch thread(s), CPU" if args.device == "cpu" else "on CUDA")
         + f"; median over {args.blocks} alternating blocks of {args.repeats} passes. auto: the kernel "

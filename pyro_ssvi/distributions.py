@@ -192,7 +192,7 @@ class SparseNormal(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)[: -len(self.site_shape) or None] + (self.num_active,)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.embed(self.loc + self.scale * eps)
+        return self.embed(torch.addcmul(self.loc, self.scale, eps))
 
     def log_prob(self, value):
         active = self.gather(value)

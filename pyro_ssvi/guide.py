@@ -458,7 +458,7 @@ class SparseSubspaceGuide(AutoGuide):
         return f"sites={len(self._sites)}, active={self.active_params}, dense={self.dense_params}"
 
     @torch.no_grad()
-    def replace_entries(self, name, positions, new_index, loc, unconstrained_scale, step=None):
+    def replace_entries(self, name, positions, new_index, loc, unconstrained_scale, step=None, sort=False):
         """Put new entries ``new_index`` into storage slots ``positions`` (in place).
 
         :param loc: value(s) for the new entries' means.
@@ -466,12 +466,31 @@ class SparseSubspaceGuide(AutoGuide):
         :param int step: recorded in :meth:`entry_births` for these slots: the first step the new
             entries take part in, minus one. Default: the current ``ssvi_step`` plus one (the
             update belongs to the step being taken).
+        :param bool sort: then reorder the site's slots by flat position, the row-major order the
+            sparse kernels read (so they need no permutation of the values), and return the
+            permutation ``perm`` applied: slot ``i`` now holds what slot ``perm[i]`` held. Apply it to
+            per-slot state kept elsewhere (:func:`~pyro_ssvi.optim.permute_optimizer_state`).
+            :class:`~pyro_ssvi.SSVI` does so.
+        :returns: ``perm`` when ``sort`` reordered the slots, else ``None``.
+
+            >>> import pyro.distributions as dist
+            >>> from pyro.nn import PyroModule, PyroSample
+            >>> net = PyroModule[torch.nn.Linear](4, 2, bias=False)
+            >>> net.weight = PyroSample(dist.Normal(0., 1.).expand([2, 4]).to_event(2))
+            >>> guide = SparseSubspaceGuide(net, density=0.5)
+            >>> _ = guide(torch.randn(3, 4))
+            >>> index = guide.active_index("weight")
+            >>> new = torch.tensor([i for i in range(8) if i not in index.tolist()][-1:])
+            >>> kept = index[1:].clone()
+            >>> perm = guide.replace_entries("weight", torch.tensor([0]), new, 0.0, -3.0, sort=True)
+            >>> torch.equal(index, torch.cat([kept, new.to(index)]).sort().values)  # slots in row-major order
+            True
         """
         info = self.site_info(name)
         if positions.numel() != new_index.numel():
             raise ValueError("positions and new_index must have one length")
         if positions.numel() == 0:
-            return
+            return None
         if new_index.min() < 0 or new_index.max() >= info.numel:
             raise ValueError(f"new_index: positions must lie in [0, {info.numel}) for site {name!r}")
         index = self.active_index(name)
@@ -479,7 +498,15 @@ class SparseSubspaceGuide(AutoGuide):
         self.loc(name)[positions] = loc
         self.unconstrained_scale(name)[positions] = unconstrained_scale
         self.entry_births(name)[positions] = int(self.ssvi_step) + 1 if step is None else int(step)
+        perm = None
+        if sort:
+            order = torch.argsort(index)
+            if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
+                perm = order
+                for t in (index, self.loc(name), self.unconstrained_scale(name), self.entry_births(name)):
+                    t.copy_(t[perm])
         self.kernel_pattern(name)  # the active set changed: rebuild its sparse-kernel structure now, not in the next step
+        return perm
 
     # checkpoints -----------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict=True, assign=False):

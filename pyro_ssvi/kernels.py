@@ -11,10 +11,13 @@ forms a dense weight or a dense weight gradient:
     \frac{\partial L}{\partial x} = (W^\top g^\top)^\top, \qquad
     \frac{\partial L}{\partial v_e} = \sum_b g_{b, r_e}\, x_{b, c_e}
 
-for output gradient ``g`` and active entry ``e`` at row ``r_e``, column ``c_e``: PyTorch's CSR
-product for the forward, a CSR copy of ``W^T`` (its structure cached) for the input gradient, and
-``torch.sparse.sampled_addmm`` for the value gradient (``g^T x`` computed at the active
-positions only).
+for output gradient ``g`` and active entry ``e`` at row ``r_e``, column ``c_e``. The forward and
+the input gradient are sums of gathered rows weighted by the active values, over the CSR structure
+of ``W`` and of ``W^T`` (its structure cached): ``F.embedding_bag`` with per-sample weights, which
+on x86 CPUs PyTorch runs with FBGEMM's sparse-dense kernel, about twice as fast as its CSR matrix
+product. The value gradient is ``torch.sparse.sampled_addmm`` (``g^T x`` computed at the active
+positions only). Values are read in storage order; when the storage is in the row-major order of
+``W`` (:class:`~pyro_ssvi.SSVI` keeps it so) no permutation is needed for ``W`` itself.
 
 * :class:`LinearPattern`: the CSR structures of ``W`` and ``W^T`` for one active set; built
   once per active set (the guide rebuilds it when a subspace update changes the set).
@@ -70,6 +73,11 @@ def _csr(crow, col, values, shape):
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _bag(col, crow, table, weights):
+    """Row ``r``: the sum of ``weights[e] * table[col[e]]`` over ``e`` in ``crow[r] .. crow[r + 1]``."""
+    return F.embedding_bag(col, table, crow[:-1], mode="sum", per_sample_weights=weights)
+
+
 def _compressed(major, minor, n_major, order, dtype):
     """CSR ``crow``/``col`` for entries sorted by ``order`` (row-major in the compressed dim)."""
     crow = torch.zeros(n_major + 1, dtype=dtype, device=major.device)
@@ -108,6 +116,10 @@ class LinearPattern:
         self.index = flat
         rows, cols = flat // in_f, flat % in_f
         self.order = torch.argsort(flat)  # storage slot of each CSR entry of W
+        self.inverse = torch.empty_like(self.order)  # CSR position of each storage slot
+        self.inverse[self.order] = torch.arange(self.order.numel(), device=flat.device)
+        # storage already in row-major order (SSVI keeps it so): values need no permutation
+        self.sorted = bool((flat[1:] > flat[:-1]).all())
         # int32 indices where they fit: PyTorch's MKL (CPU) kernels otherwise convert them at every call
         dtype = torch.int32 if max(self.shape.numel(), flat.numel() + 1) < 2**31 else torch.int64
         self.crow, self.col = _compressed(rows, cols, out_f, self.order, dtype)
@@ -127,9 +139,17 @@ class LinearPattern:
         """Whether this pattern describes ``index`` as it is now (same tensor, not modified since)."""
         return index is self.source and index._version == self.version
 
+    def to_row_major(self, values):
+        """``values`` (storage order) in the row-major order of ``W``'s CSR entries."""
+        return values if self.sorted else values.index_select(0, self.order)
+
+    def from_row_major(self, values):
+        """Per-entry ``values`` in ``W``'s CSR order back in storage order."""
+        return values if self.sorted else values.index_select(0, self.inverse)
+
     def csr(self, values):
         """``W`` as a CSR tensor, for ``values`` in storage order."""
-        return _csr(self.crow, self.col, values.index_select(0, self.order), self.shape)
+        return _csr(self.crow, self.col, self.to_row_major(values), self.shape)
 
     def structure(self, like):
         """``W``'s CSR structure with placeholder values of ``like``'s dtype and device (cached), for
@@ -139,9 +159,16 @@ class LinearPattern:
             self._structures[key] = _csr(self.crow, self.col, torch.zeros(self.num_active, dtype=like.dtype, device=like.device), self.shape)
         return self._structures[key]
 
-    def csr_t(self, values):
-        """``W^T`` as a CSR tensor, for ``values`` in storage order."""
-        return _csr(self.t_crow, self.t_col, values.index_select(0, self.t_order), self.shape[::-1])
+    def matmul(self, values, xt):
+        r"""``W @ xt`` for ``xt`` of shape ``(in, n)``: row ``r`` of the result is
+        :math:`\sum_{e:\, r_e = r} v_e\, xt_{c_e}`, a weighted sum of gathered rows of ``xt``
+        (``F.embedding_bag`` with per-sample weights over the CSR structure; on CPU PyTorch runs it
+        with FBGEMM's sparse-dense kernel, about twice as fast as its CSR matrix product here)."""
+        return _bag(self.col, self.crow, xt, self.to_row_major(values))
+
+    def rmatmul(self, values, gt):
+        """``W^T @ gt`` for ``gt`` of shape ``(out, n)``, through the CSR structure of ``W^T``."""
+        return _bag(self.t_col, self.t_crow, gt, values.index_select(0, self.t_order))
 
     def dense(self, values):
         """The dense ``(out, in)`` weight (zeros off the active set); differentiable in ``values``."""
@@ -163,8 +190,9 @@ class LinearPattern:
 class _CSRLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, values, pattern):
-        xt = x2d.t().contiguous()
-        y = (pattern.csr(values) @ xt).t().contiguous()
+        xt = x2d.t().contiguous()  # free when x2d is itself a transposed layer output, as below
+        # returned transposed (column-major): the next sparse layer's xt is then a view, no copy
+        y = pattern.matmul(values, xt).t()
         ctx.pattern = pattern
         ctx.save_for_backward(xt, values)
         return y
@@ -176,10 +204,10 @@ class _CSRLinear(torch.autograd.Function):
         grad_x = grad_values = None
         gt = grad.t().contiguous()
         if ctx.needs_input_grad[0]:
-            grad_x = (pattern.csr_t(values) @ gt).t()
+            grad_x = pattern.rmatmul(values, gt).t()
         if ctx.needs_input_grad[1]:
             sampled = torch.sparse.sampled_addmm(pattern.structure(values), gt, xt.t(), beta=0.0).values()
-            grad_values = torch.empty_like(sampled).index_copy_(0, pattern.order, sampled)
+            grad_values = pattern.from_row_major(sampled)
         return grad_x, grad_values, None
 
 

@@ -354,7 +354,14 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         core = 1 if func is F.linear else CONV_SPATIAL_DIMS[func] + 1  # output (out, *spatial); weight has one dim more
         lead = torch.broadcast_shapes(mean.shape[: mean.dim() - core], weight.shape[: weight.dim() - core - 1])
         shape = lead + mean.shape[mean.dim() - core :]
-        return mean.expand(shape) + torch.sqrt(var + self.eps).expand(shape) * torch.randn(shape, dtype=mean.dtype, device=mean.device)
+        if func is F.linear:
+            # drawn as (out, rows) and viewed as (*lead, out): the column-major layout of the sparse kernels'
+            # output, so the elementwise work below runs on matching layouts (mixed ones are ~4x slower on CPU)
+            rows = shape[:-1].numel()
+            noise = torch.randn((shape[-1], rows), dtype=mean.dtype, device=mean.device).t().reshape(shape)
+        else:
+            noise = torch.randn(shape, dtype=mean.dtype, device=mean.device)
+        return torch.addcmul(mean.expand(shape), var.add(self.eps).sqrt_().expand(shape), noise)
 
 
 def local_reparameterization(fn=None, eps=1e-8):

@@ -24,6 +24,7 @@ correction needs no extra optimiser state and checkpoints with ``state_dict()``.
 
 import functools
 import math
+import weakref
 
 import torch
 from pyro.optim import PyroOptim
@@ -73,13 +74,35 @@ def reset_optimizer_state(optim, params, positions):
                     value[positions] = 0
 
 
+@torch.no_grad()
+def permute_optimizer_state(optim, params, perm):
+    """Reorder the per-coordinate optimiser state of ``params`` (1-d) as the parameters were:
+    ``state[i] <- state[perm[i]]`` for every state tensor shaped like the parameter (momentum, Adam
+    moments...), so each coordinate keeps its own state when a guide reorders its storage slots
+    (:meth:`SparseSubspaceGuide.replace_entries` with ``sort=True``).
+
+        >>> p = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        >>> p.grad = torch.tensor([1., 2., 3.]); opt.step()
+        >>> permute_optimizer_state(opt, [p], torch.tensor([2, 0, 1]))
+        >>> opt.state[p]["momentum_buffer"]
+        tensor([3., 1., 2.])
+    """
+    params = list(params)
+    for opt in torch_optimizers(optim):
+        for p in params:
+            for value in (opt.state.get(p) or {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.copy_(value[perm])
+
+
 @functools.lru_cache(maxsize=16)
 def _inverse_bias_corrections(b1, b2, dtype, device):
-    """``1 / (1 - beta^a)`` for ages ``a = 0 .. H`` (``H``: beta2^H below 1e-6; entry 0 unused), looked
-    up per slot instead of a ``pow`` per slot and step."""
+    """``1 / (1 - beta1^a)`` and ``1 / sqrt(1 - beta2^a)`` for ages ``a = 0 .. H`` (``H``: beta2^H below
+    1e-6; entry 0 unused), looked up per slot instead of a ``pow`` per slot and step."""
     horizon = math.ceil(math.log(_NEGLIGIBLE) / math.log(b2)) if 0 < b2 < 1 else 1
     ages = torch.arange(horizon + 1, dtype=torch.float64, device=device)
-    return (1 / (1 - b1**ages)).to(dtype), (1 / (1 - b2**ages)).to(dtype)
+    return (1 / (1 - b1**ages)).to(dtype), (1 / (1 - b2**ages)).sqrt().to(dtype)
 
 
 def adam_param_groups(optim):
@@ -126,32 +149,60 @@ def fresh_adam_correction(optim, params, births, groups=None):
         if n_young == 0:
             continue
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        # p += lr * (shared step - fresh step); exactly 0 where a slot's factors are the shared ones
-        step = m * (shared1 / ((v * shared2).sqrt_().add_(eps)) - c1.reshape(m.shape) / ((v * c2.reshape(v.shape)).sqrt_().add_(eps)))
-        p.add_(step, alpha=lr)
+        # lr * m * (c / (sqrt(v) * q + eps)) for the shared factors (c, q) = (shared1, shared2) and the
+        # slots' own (c1, c2), by the same sequence of correctly rounded operations: the difference is
+        # exactly 0 on every slot whose factors are the shared ones
+        root = v.sqrt()
+        step = root.mul(shared2).add_(eps).reciprocal_().mul_(shared1)
+        fresh = root.mul_(c2.reshape(v.shape)).add_(eps).reciprocal_().mul_(c1.reshape(m.shape))
+        p.add_(step.sub_(fresh).mul_(m), alpha=lr)
         corrected += n_young
     return corrected
 
 
+#: id(births) -> (weak reference, version, groups): the distinct birth steps of a births buffer, which
+#: change only at subspace updates (recomputed then; a stale or dead entry is never used)
+_BIRTH_GROUPS = {}
+
+
+def _birth_groups(births):
+    """``(steps, counts, steps_tensor, group)``: the distinct birth steps (a list), their slot counts
+    (a list), the same steps as a tensor, and each slot's group, for a births buffer."""
+    key = id(births)
+    cached = _BIRTH_GROUPS.get(key)
+    if cached is not None and cached[0]() is births and cached[1] == births._version:
+        return cached[2]
+    steps, group, counts = torch.unique(births.reshape(-1), return_inverse=True, return_counts=True)
+    groups = (steps.tolist(), counts.tolist(), steps, group)
+    for k in [k for k, v in _BIRTH_GROUPS.items() if v[0]() is None]:
+        del _BIRTH_GROUPS[k]
+    _BIRTH_GROUPS[key] = (weakref.ref(births), births._version, groups)
+    return groups
+
+
 def _slot_corrections(births, t, b1, b2, dtype, device):
-    """Adam's inverse bias corrections per slot: a fresh Adam's (age ``t - birth``) for young slots, the
-    shared ones (age ``t``) elsewhere, looked up in one table so both are the same float bits."""
+    """Adam's bias-correction factors per slot, ``1 / (1 - beta1^a)`` and ``1 / sqrt(1 - beta2^a)``: a
+    fresh Adam's (age ``a = t - birth``) for young slots, the shared ones (``a = t``) elsewhere, copied
+    from one value so both are the same float bits. Slots born at one step share their factors,
+    so they are looked up per distinct birth step; no device synchronisation."""
     inv1, inv2 = _inverse_bias_corrections(b1, b2, dtype, device)
-    horizon = min(t, inv1.numel() - 1)
-    lo = max(t - horizon, 0)  # young: born after step lo (after set-up, less than `horizon` steps ago)
-    shared1 = torch.tensor(1 / (1 - b1**t), dtype=dtype, device=device)
-    shared2 = torch.tensor(1 / (1 - b2**t), dtype=dtype, device=device)
-    flat = births.reshape(-1)
-    n_young = int((flat > lo).sum())
+    table = inv1.numel() - 1
+    horizon = min(t, table)  # younger than this: corrected (older slots agree with the shared step to ~1e-6)
+    if t <= table:
+        shared1, shared2 = inv1[t], inv2[t]
+    else:
+        shared1 = torch.tensor(1 / (1 - b1**t), dtype=dtype, device=device)
+        shared2 = torch.tensor((1 / (1 - b2**t)) ** 0.5, dtype=dtype, device=device)
+    steps, counts, steps_t, group = _birth_groups(births)
+    n_young = sum(n for b, n in zip(steps, counts) if t - b < horizon)
     if n_young == 0:
         return 0, shared1, shared2, None, None
-    # tables over birth steps lo .. t: entry 0 (born at or before lo: not young) holds the shared factors,
-    # entry j the factors of age t - lo - j (at least 1)
-    ages = (t - lo - torch.arange(1, t - lo + 1, device=device)).clamp_(min=1)
-    idx = (flat - lo).clamp_(0, t - lo)
-    c1 = torch.cat([shared1.reshape(1), inv1[ages]]).index_select(0, idx)
-    c2 = torch.cat([shared2.reshape(1), inv2[ages]]).index_select(0, idx)
+    ages = (t - steps_t.to(device=device, dtype=torch.int64))
+    young = ages < horizon
+    ages = ages.clamp_(1, table)  # a slot refilled after the optimiser's last step counts as age 1
+    c1 = torch.where(young, inv1.index_select(0, ages), shared1).index_select(0, group)
+    c2 = torch.where(young, inv2.index_select(0, ages), shared2).index_select(0, group)
     return n_young, shared1, shared2, c1, c2
 
 
-__all__ = ["adam_param_groups", "fresh_adam_correction", "reset_optimizer_state", "torch_optimizers"]
+__all__ = ["adam_param_groups", "fresh_adam_correction", "permute_optimizer_state", "reset_optimizer_state", "torch_optimizers"]

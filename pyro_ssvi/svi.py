@@ -35,7 +35,7 @@ from .distributed import average_, broadcast_state, check_same_active_sets, is_d
 from .guide import inverse_scale_transform, sparse_parts
 from .batched import BatchedLayersMessenger
 from .handlers import DataGradientMessenger, SubspacePriorMessenger
-from .optim import adam_param_groups, fresh_adam_correction, reset_optimizer_state
+from .optim import adam_param_groups, fresh_adam_correction, permute_optimizer_state, reset_optimizer_state
 from .schedule import SwapSchedule
 from .subspace import select_swap
 
@@ -431,8 +431,12 @@ class SSVI:
                 new_rho = rho.mean()
             else:
                 new_rho = inverse_scale_transform(self.new_scale, guide.scale_transform).to(rho)
-            guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho, step=t)
+            # slots stay in the sparse kernels' (row-major) order: the optimiser state, reset at the refilled
+            # slots (numbered as before the update), follows the guide's reordering
+            perm = guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho, step=t, sort=True)
             reset_optimizer_state(self.optim, (loc, rho), decision.positions)
+            if perm is not None:
+                permute_optimizer_state(self.optim, (loc, rho), perm)
             record["swapped"][name] = int(decision.positions.numel())
             record["abs_mean_overlap"][name] = overlap
         self.history.append(record)

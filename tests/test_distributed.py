@@ -70,8 +70,8 @@ def train(rank, world, case):
     losses = []
     for step in range(12):
         if case == "desync" and rank == 1 and step == 5:  # test-only: rank 1's active set drifts
-            index = guide.active_index("fc2.weight")
-            index[0] = next(i for i in range(48) if i not in set(index.tolist()))
+            index = guide.active_index("fc2.weight")  # five entries, so that one update cannot undo the drift
+            index[:5] = torch.tensor([i for i in range(48) if i not in set(index.tolist())][:5], dtype=index.dtype)
         losses.append(svi.step(x[shard], y[shard]))
     state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
     return {"state": state, "history": svi.history, "losses": losses}

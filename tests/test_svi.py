@@ -57,7 +57,8 @@ def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, torc
     svi.step(Xtr[:64], ytr[:64])  # step 10: update
     for name in guide.site_names:
         loc, rho = guide.loc(name), guide.unconstrained_scale(name)
-        changed = (guide.active_index(name) != before[name]).nonzero().squeeze(-1)
+        # the new entries (slots are reordered by position after an update, so look them up by index)
+        changed = (~torch.isin(guide.active_index(name), before[name])).nonzero().squeeze(-1)
         assert changed.numel() == svi.history[-1]["swapped"][name] > 0
         assert (loc[changed] == 0).all()
         torch.testing.assert_close(guide.scale(name)[changed], torch.full((changed.numel(),), 0.05))
@@ -70,6 +71,43 @@ def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, torc
                 assert (state[key][unchanged] != 0).any()
 
 
+@pytest.mark.parametrize("torch_optim", [False, True])
+def test_updates_keep_slots_in_row_major_order_and_state_follows_its_entry(digits, torch_optim):
+    """After an update the slots are sorted by flat position (the sparse kernels read the values
+    without a permutation); every kept entry keeps its own mean, scale, birth and Adam moments."""
+    Xtr, ytr, _, _ = digits
+    pyro.clear_param_store()
+    model = BNN()
+    guide = SparseSubspaceGuide(model, density=0.1)
+    guide(Xtr[:8], ytr[:8])
+    optim = torch.optim.Adam(guide.parameters(), lr=1e-2) if torch_optim else pyro.optim.Adam({"lr": 1e-2})
+    svi = SSVI(model, guide, optim, pyro.infer.TraceMeanField_ELBO(), total_steps=100, update_every=5, addition="random")
+    for _ in range(12):  # two updates: the second one reorders slots whose state is not fresh
+        svi.step(Xtr[:64], ytr[:64])
+    assert [h["step"] for h in svi.history] == [5, 10]
+
+    def per_entry(name):
+        loc, rho = guide.loc(name), guide.unconstrained_scale(name)
+        states = [optim.state[p] if torch_optim else _adam_state(optim, p) for p in (loc, rho)]
+        columns = [c.detach() for c in [loc, rho, guide.entry_births(name)] + [st[k] for st in states for k in ("exp_avg", "exp_avg_sq")]]
+        return {int(i): tuple(float(c[j]) for c in columns) for j, i in enumerate(guide.active_index(name).tolist())}
+
+    before = {name: per_entry(name) for name in guide.site_names}
+    svi._update(15, {})
+    moved = 0
+    for name in guide.site_names:
+        index = guide.active_index(name)
+        assert bool((index[1:] > index[:-1]).all()), f"{name}: slots not in row-major order"
+        assert guide.kernel_pattern(name).sorted
+        after = per_entry(name)
+        kept = set(before[name]) & set(after)
+        assert 0 < len(kept) < len(after)
+        assert all(after[i] == before[name][i] for i in kept)
+        old_slot = {i: j for j, i in enumerate(before[name])}  # the dict is in slot order
+        moved += sum(old_slot[i] != j for j, i in enumerate(index.tolist()) if i in kept)
+    assert moved > 0  # the update did reorder slots, so the test checks the permutation
+
+
 def test_new_scale_mean_uses_the_sites_mean_rho(digits):
     Xtr, ytr, _, _ = digits
     model, guide, svi = make_svi(addition="random", update_every=5)
@@ -79,7 +117,7 @@ def test_new_scale_mean_uses_the_sites_mean_rho(digits):
     before = {n: guide.active_index(n).clone() for n in guide.site_names}
     svi._update(5, {})
     for name in guide.site_names:
-        changed = guide.active_index(name) != before[name]
+        changed = ~torch.isin(guide.active_index(name), before[name])  # the new entries
         assert changed.any()
         torch.testing.assert_close(guide.unconstrained_scale(name)[changed], torch.full((int(changed.sum()),), rho_mean[name]))
 
@@ -294,6 +332,36 @@ def test_fresh_adam_correction_makes_a_refilled_slot_a_fresh_adam(cls, kwargs):
         torch.testing.assert_close(p.detach()[[1, 3]], fresh.detach(), rtol=1e-6, atol=1e-6)
     # untouched slots followed the shared optimiser, uncorrected
     assert not torch.equal(p.detach()[[0, 2, 4]], plain[[0, 2, 4]])
+
+
+@pytest.mark.parametrize("t", [30, 20000])  # within Adam's bias-correction horizon, and past it (~13.8k steps)
+def test_fresh_adam_correction_formula_and_settled_slots_untouched(t):
+    """Young slots get lr * m * (c(t) - c(age)) exactly as written in the docstring (float64 reference);
+    slots born at set-up, or longer ago than the horizon, are left bit for bit as Adam put them."""
+    from pyro_ssvi import fresh_adam_correction
+
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
+    lr, eps, b1, b2 = 0.01, 1e-8, 0.9, 0.999
+    p = torch.nn.Parameter(torch.randn(6, generator=g))
+    opt = torch.optim.Adam([p], lr=lr, eps=eps)
+    p.grad = torch.randn(6, generator=g)
+    opt.step()
+    state = opt.state[p]
+    state["step"].fill_(t)  # as after t steps (the moments are whatever they are)
+    births = torch.tensor([0, t - 1, t - 5, t - 20, max(t - 14000, 0), t - 3], dtype=torch.int32)
+    young = torch.tensor([False, True, True, True, False, True])
+    after_adam = p.detach().clone()
+    n = fresh_adam_correction(opt, [p], births)
+    assert n == int(young.sum())
+    assert torch.equal(p.detach()[~young], after_adam[~young])
+    m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+
+    def update(age):
+        return lr * m / (1 - b1**age) / ((v / (1 - b2**age)).sqrt() + eps)
+
+    ages = (t - births).double()
+    expected = after_adam.double() + update(torch.tensor(float(t))) - update(ages)
+    torch.testing.assert_close(p.detach().double()[young], expected[young], rtol=1e-6, atol=1e-7)
 
 
 def _first_step_over_lr(t, b1=0.9, b2=0.999):
