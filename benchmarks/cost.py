@@ -9,8 +9,12 @@ today), our guide at density 1, and SSVI at densities 0.1 and 0.05 (and at 0.1 w
 weight sampling and with local reparameterisation (LRT); ``--baseline-ref REF`` adds SSVI 0.1 run
 with the package as it was at git commit REF (e.g. before the sparse kernels), side by side:
   * seconds per SVI step: median of ``--repeats`` steps after ``--warmup`` steps. The configs of one
-    network and sampling run side by side, each in its own process, stepped in rounds (one step of
-    each per round, in a rotating order), so the slow phases of a noisy machine fall on all alike;
+    network and sampling run side by side, each in its own process, stepped in rounds (in a rotating
+    order), so the slow phases of a noisy machine fall on all alike. Each round gives each config
+    ``--block`` consecutive steps; the first one follows the other processes' steps (cold caches,
+    which a training loop running steps back to back does not pay, and which weighs most on short
+    steps) and is timed apart ("cold" in the JSON), the next ``block - 1`` plain steps are timed
+    (update steps in between are timed apart);
   * peak memory: the process's peak resident set size on CPU (each config runs in a fresh
     process; ``torch.cuda.max_memory_allocated`` on a GPU), and its growth over the process
     size before the first step;
@@ -112,10 +116,11 @@ class Config:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self.before = rss_kib()
-        self.times, self.update_times, self.steps = [], [], 0
+        self.times, self.update_times, self.cold_times, self.steps = [], [], [], 0
 
-    def step(self):
-        """One SVI step; returns its seconds and whether it was a subspace-update step."""
+    def step(self, cold=False):
+        """One SVI step; returns its seconds and whether it was a subspace-update step. A ``cold`` step
+        (the first of a block, after other processes ran) is recorded apart."""
         import time
 
         import torch
@@ -132,7 +137,7 @@ class Config:
         is_update = bool(self.density is not None and self.svi.history and self.svi.history[-1]["step"] == self.svi.step_count)
         self.steps += 1
         if self.steps > self.cfg["warmup"]:
-            (self.update_times if is_update else self.times).append(dt)
+            (self.update_times if is_update else self.cold_times if cold else self.times).append(dt)
         return dt, is_update
 
     def report(self):
@@ -146,6 +151,7 @@ class Config:
             "seconds_per_step": times[len(times) // 2],
             "seconds_all": times,
             "update_step_seconds": sorted(self.update_times)[len(self.update_times) // 2] if self.update_times else None,
+            "cold_seconds_per_step": sorted(self.cold_times)[len(self.cold_times) // 2] if self.cold_times else None,
             "guide_bytes": guide_state_bytes(self.guide, self.optim),
             "train_flops_per_step": self.flops["train_flops_per_step"] if self.density is not None else self.flops["dense_vi_train_flops_per_step"],
             "dense_vi_train_flops_per_step": self.flops["dense_vi_train_flops_per_step"],
@@ -166,9 +172,9 @@ def serve(cfg):
     config = Config(cfg)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "step":
-            dt, is_update = config.step()
-            print(json.dumps({"seconds": dt, "update": is_update}), flush=True)
+        if line.strip() in ("step", "cold step"):
+            dt, is_update = config.step(cold=line.strip() == "cold step")
+            print(json.dumps({"seconds": dt, "update": is_update, "timed": len(config.times)}), flush=True)
         elif line.strip() == "report":
             print(json.dumps(config.report()), flush=True)
             return
@@ -197,8 +203,8 @@ class Worker:
     def ready(self):
         return self._ask()
 
-    def step(self):
-        return self._ask("step")
+    def step(self, cold=False):
+        return self._ask("cold step" if cold else "step")
 
     def report(self):
         out = self._ask("report")
@@ -206,18 +212,26 @@ class Worker:
         return out
 
 
-def run_group(cfgs, package_roots, progress):
-    """Time ``cfgs`` side by side: every round steps each configuration once, in a rotating order, so
-    slow phases of a noisy machine fall on all of them alike. Returns their reports."""
+def run_group(cfgs, package_roots, progress, block=1):
+    """Time ``cfgs`` side by side: every round gives each configuration ``block`` consecutive steps
+    (the first of them cold when ``block > 1``), in a rotating order, so slow phases of a noisy machine
+    fall on all of them alike; rounds go on until each has ``repeats`` timed steps. Returns their reports."""
     workers = [Worker(c, r) for c, r in zip(cfgs, package_roots)]
     try:
         for w in workers:
             w.ready()
-        rounds = cfgs[0]["warmup"] + cfgs[0]["repeats"]
-        for i in range(rounds):
+        timed = [0] * len(workers)
+        i = 0
+        while min(timed) < cfgs[0]["repeats"]:
             for j in range(len(workers)):
-                workers[(i + j) % len(workers)].step()
+                w = (i + j) % len(workers)
+                if block > 1:
+                    workers[w].step(cold=True)
+                target = timed[w] + max(block - 1, 1)
+                while timed[w] < target:  # warm-up and update steps do not count
+                    timed[w] = workers[w].step()["timed"]
             progress.update(1)
+            i += 1
         return [w.report() for w in workers]
     finally:
         for w in workers:
@@ -248,9 +262,10 @@ def mib(b):
 def report(args, runs):
     md = ["# Cost: dense VI (Pyro AutoNormal) vs SSVI\n"]
     md.append(
-        f"Device: {args.device}. Seconds per step: median of {args.repeats} steps after {args.warmup} warm-up steps, "
-        "the configurations of a table half stepped in alternation (one step each per round) "
-        f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: "
+        f"Device: {args.device}. Seconds per step: median of {args.repeats} or more steps after {args.warmup} warm-up steps, "
+        f"the configurations of a table half stepped in alternation ({args.block} consecutive steps each per round"
+        + (", the first of them, after the other processes' steps, timed apart as 'cold' in the JSON) " if args.block > 1 else ") ")
+        + f"(TraceMeanField_ELBO, Adam); SSVI update steps (every {args.update_every}) are timed apart. Peak memory: "
         + ("torch.cuda.max_memory_allocated over the training steps (warm-up included), one fresh process per configuration (no growth figure). "
            if args.device == "cuda" else
            "peak RSS of a fresh process per configuration (its growth during training in brackets). ")
@@ -266,9 +281,11 @@ def report(args, runs):
             base = find(runs, model, lrt, None, None)
             for name, density, kernels in guide_rows(args):
                 r = find(runs, model, lrt, density, kernels)
+                cold = r.get("cold_seconds_per_step")
                 rows.append([
                     name, "LRT" if lrt else "weights",
                     f"{r['seconds_per_step']:.4f}", f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}",
+                    f"{cold:.4f} ({cold / base['cold_seconds_per_step']:.2f})" if cold and base.get("cold_seconds_per_step") else "",
                     f"{r['update_step_seconds']:.4f}" if r["update_step_seconds"] else "",
                     f"{mib(r['peak_memory_bytes'])} ({mib(r['memory_growth_bytes'])})",
                     f"{r['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}",
@@ -276,7 +293,7 @@ def report(args, runs):
                     f"{r['train_flops_per_step']:.3e}", f"{r['train_flops_per_step'] / base['train_flops_per_step']:.3f}",
                 ])
         md.append(markdown_table(
-            ["guide", "sampling", "s/step", "x AutoNormal", "update step s", "peak MiB (growth)", "x", "guide bytes", "x", "train FLOPs/step", "x"], rows
+            ["guide", "sampling", "s/step", "x AutoNormal", "cold s/step (x)", "update step s", "peak MiB (growth)", "x", "guide bytes", "x", "train FLOPs/step", "x"], rows
         ) + "\n")
     if "resnet18" in args.models:
         md.append("## Targets (ResNet-18, density 0.1)\n")
@@ -329,6 +346,8 @@ def parse_args(argv):
     p.add_argument("--models", default="resnet18,mlp3", help="comma-separated: resnet18, mlp3")
     p.add_argument("--repeats", type=int, default=11, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--block", type=int, default=3, help="consecutive steps per configuration per round; with more than 1, "
+                   "the first of each block (cold caches after the other processes ran) is not among the timed steps")
     p.add_argument("--update-every", type=int, default=4, help="SSVI update period while timing (small, so update steps get timed)")
     p.add_argument("--flops-update-every", type=int, default=100, help="update period the FLOP count amortises the gradient addition over (the recipe's 100)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -345,8 +364,10 @@ def parse_args(argv):
     args.models = args.models.split(",")
     if set(args.models) - set(MODELS):
         p.error(f"--models: choose from {sorted(MODELS)}")
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.block < 1:
+        p.error("--repeats and --block must be >= 1 and --warmup >= 0")
+    if args.update_every < 2:
+        p.error("--update-every must be >= 2 (plain steps are timed between update steps)")
     return args
 
 
@@ -364,10 +385,11 @@ def main(argv=None):
     for c in configs:
         groups.setdefault((c["model"], c["lrt"]), []).append(c)
     runs = []
-    with contextlib.ExitStack() as stack, tqdm(total=len(groups) * (args.warmup + args.repeats), desc="rounds") as progress:
+    per_group = -(-(args.warmup + args.repeats) // max(args.block - 1, 1))  # rounds, about (update steps are timed apart)
+    with contextlib.ExitStack() as stack, tqdm(total=len(groups) * per_group, desc="rounds") as progress:
         tree = baseline_tree(args.baseline_ref, stack) if args.baseline_ref else None
         for cfgs in groups.values():
-            runs += run_group(cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress)
+            runs += run_group(cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress, args.block)
     md = report(args, runs)
     plot(args, runs)
     write_results("cost", md, runs, args)

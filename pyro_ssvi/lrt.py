@@ -354,11 +354,11 @@ class LocalReparameterizationMessenger(ReentrantMessenger):
         core = 1 if func is F.linear else CONV_SPATIAL_DIMS[func] + 1  # output (out, *spatial); weight has one dim more
         lead = torch.broadcast_shapes(mean.shape[: mean.dim() - core], weight.shape[: weight.dim() - core - 1])
         shape = lead + mean.shape[mean.dim() - core :]
-        if func is F.linear:
-            # drawn as (out, rows) and viewed as (*lead, out): the column-major layout of the sparse kernels'
-            # output, so the elementwise work below runs on matching layouts (mixed ones are ~4x slower on CPU)
-            rows = shape[:-1].numel()
-            noise = torch.randn((shape[-1], rows), dtype=mean.dtype, device=mean.device).t().reshape(shape)
+        if func is F.linear and len(shape) >= 2:
+            # (..., rows, out) drawn as (..., out, rows) and transposed: the column-major layout of the sparse
+            # kernels' output, so the elementwise work below runs on matching layouts (mixed ones are ~4x
+            # slower on CPU); particle dims stay in front, so each particle draws what one pass would
+            noise = torch.randn(shape[:-2] + (shape[-1], shape[-2]), dtype=mean.dtype, device=mean.device).transpose(-1, -2)
         else:
             noise = torch.randn(shape, dtype=mean.dtype, device=mean.device)
         return torch.addcmul(mean.expand(shape), var.add(self.eps).sqrt_().expand(shape), noise)

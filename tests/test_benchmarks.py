@@ -53,13 +53,17 @@ def test_digits_benchmark(tmp_path):
 def test_cost_benchmark(tmp_path):
     # --baseline-ref HEAD: the same rows once more from a worktree of the last commit
     run("cost.py", "--models", "mlp3,resnet18", "--mlp-width", "32", "--width", "4", "--repeats", "2", "--warmup", "1", "--update-every", "2",
-        "--baseline-ref", "HEAD", tmp_path=tmp_path)
+        "--block", "2", "--baseline-ref", "HEAD", tmp_path=tmp_path)
     md, payload = outputs(tmp_path, "cost")
     runs = payload["results"]
     assert len(runs) == 24  # 2 models x 2 samplings x 5 guides, and SSVI 0.1 at the baseline commit
     assert sum(r["kernels"] == "baseline" for r in runs) == 4 and "SSVI 0.1 at HEAD" in md
     for r in runs:
         assert r["seconds_per_step"] > 0 and r["peak_memory_bytes"] > 0 and r["guide_bytes"] > 0
+        # blocks of 2: one cold step (timed apart, unless it is an update step) and then one timed step per round
+        assert len(r["seconds_all"]) >= 2
+        if r["density"] is None:  # AutoNormal: no update steps, so its second round's cold step is recorded
+            assert r["cold_seconds_per_step"] > 0
     sparse = [r for r in runs if r["density"] == 0.1 and r["model"] == "mlp3"]
     assert sorted(map(str, (r["kernels"] for r in sparse))) == ["False", "False", "auto", "auto", "baseline", "baseline"]
     assert all(r["update_step_seconds"] is not None for r in sparse)
@@ -95,7 +99,7 @@ def test_exploration_benchmark(tmp_path):
     [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
      ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg"),
      ("distributed.py", "--procs=0"), ("sparse_kernels.py", "--densities=2"),
-     ("cost.py", "--baseline-ref=no-such-commit")],
+     ("cost.py", "--baseline-ref=no-such-commit"), ("cost.py", "--block=0")],
 )
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)

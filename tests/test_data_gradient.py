@@ -64,8 +64,8 @@ def _independent_grads(guide_before, model, x, y, seed, lrt):
     for i, name in enumerate(names):
         h = torch.tanh(h) if i else h
         mean = F.linear(h, leaves[name], biases[i])
-        if lrt:  # same draws, same order as the handler: one randn_like per layer
-            mean = mean + torch.sqrt(F.linear(h * h, var[name]) + 1e-8) * torch.randn_like(mean)
+        if lrt:  # same draws, same order as the handler: one (out, batch) draw per layer, transposed
+            mean = mean + torch.sqrt(F.linear(h * h, var[name]) + 1e-8) * torch.randn(mean.shape[::-1]).t()
         h = mean
     loss = -(500 / x.shape[0]) * dist.Categorical(logits=h).log_prob(y).sum()
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
