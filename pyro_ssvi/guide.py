@@ -499,12 +499,10 @@ class SparseSubspaceGuide(AutoGuide):
         self.unconstrained_scale(name)[positions] = unconstrained_scale
         self.entry_births(name)[positions] = int(self.ssvi_step) + 1 if step is None else int(step)
         perm = None
-        if sort:
-            order = torch.argsort(index)
-            if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
-                perm = order
-                for t in (index, self.loc(name), self.unconstrained_scale(name), self.entry_births(name)):
-                    t.copy_(t[perm])
+        if sort and not bool((index[1:] > index[:-1]).all()):
+            perm = torch.argsort(index)
+            for t in (index, self.loc(name), self.unconstrained_scale(name), self.entry_births(name)):
+                t.copy_(t.index_select(0, perm))
         self.kernel_pattern(name)  # the active set changed: rebuild its sparse-kernel structure now, not in the next step
         return perm
 

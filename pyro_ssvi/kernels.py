@@ -79,10 +79,11 @@ def _bag(col, crow, table, weights):
 
 
 def _compressed(major, minor, n_major, order, dtype):
-    """CSR ``crow``/``col`` for entries sorted by ``order`` (row-major in the compressed dim)."""
+    """CSR ``crow``/``col`` for entries sorted by ``order`` (row-major in the compressed dim; ``None``:
+    already in that order)."""
     crow = torch.zeros(n_major + 1, dtype=dtype, device=major.device)
     crow[1:] = torch.bincount(major, minlength=n_major).cumsum(0)
-    return crow, minor[order].to(dtype).contiguous()
+    return crow, (minor if order is None else minor[order]).to(dtype).contiguous()
 
 
 class LinearPattern:
@@ -115,12 +116,14 @@ class LinearPattern:
         flat = index.long()
         self.index = flat
         rows, cols = flat // in_f, flat % in_f
-        self.order = torch.argsort(flat)  # storage slot of each CSR entry of W
-        self.inverse = torch.empty_like(self.order)  # CSR position of each storage slot
-        self.inverse[self.order] = torch.arange(self.order.numel(), device=flat.device)
         # storage already in row-major order (SSVI keeps it so): values need no permutation
         self.sorted = bool((flat[1:] > flat[:-1]).all())
-        # int32 indices where they fit: PyTorch's MKL (CPU) kernels otherwise convert them at every call
+        self.order = self.inverse = None
+        if not self.sorted:
+            self.order = torch.argsort(flat)  # storage slot of each CSR entry of W
+            self.inverse = torch.empty_like(self.order)  # CSR position of each storage slot
+            self.inverse[self.order] = torch.arange(self.order.numel(), device=flat.device)
+        # int32 indices where they fit: PyTorch's CPU kernels otherwise convert them at every call
         dtype = torch.int32 if max(self.shape.numel(), flat.numel() + 1) < 2**31 else torch.int64
         self.crow, self.col = _compressed(rows, cols, out_f, self.order, dtype)
         self.t_order = torch.argsort(cols * out_f + rows)  # storage slot of each CSR entry of W^T
