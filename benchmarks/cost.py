@@ -47,6 +47,13 @@ GUIDES = [("AutoNormal", None, None), ("ours, density 1", 1.0, "auto"), ("SSVI 0
 
 def find(runs, model, lrt, density, kernels):
     return next(r for r in runs if r["model"] == model and r["lrt"] == lrt and r["density"] == density and r["kernels"] == kernels)
+
+
+def median(values):
+    """The (upper) median of ``values``, or ``None`` when there are none."""
+    return sorted(values)[len(values) // 2] if values else None
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"resnet18": "ResNet-18 (CIFAR, batch 32)", "mlp3": "3-layer MLP (input 784, batch 128)"}
 
@@ -145,13 +152,12 @@ class Config:
 
         from pyro_ssvi.cost import guide_state_bytes
 
-        times = sorted(self.times)
         out = {
             **self.cfg,
-            "seconds_per_step": times[len(times) // 2],
-            "seconds_all": times,
-            "update_step_seconds": sorted(self.update_times)[len(self.update_times) // 2] if self.update_times else None,
-            "cold_seconds_per_step": sorted(self.cold_times)[len(self.cold_times) // 2] if self.cold_times else None,
+            "seconds_per_step": median(self.times),
+            "seconds_all": sorted(self.times),
+            "update_step_seconds": median(self.update_times),
+            "cold_seconds_per_step": median(self.cold_times),
             "guide_bytes": guide_state_bytes(self.guide, self.optim),
             "train_flops_per_step": self.flops["train_flops_per_step"] if self.density is not None else self.flops["dense_vi_train_flops_per_step"],
             "dense_vi_train_flops_per_step": self.flops["dense_vi_train_flops_per_step"],

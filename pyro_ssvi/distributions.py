@@ -74,8 +74,7 @@ def _restrict_param(p, batch_shape, shape, index):
     lead = batch_shape[: len(batch_shape) - len(shape)]
     if all(st == 0 for st in p.stride()[len(lead) :]):  # one value for the whole site (an expanded scalar)
         return p[(Ellipsis,) + (0,) * len(shape)].unsqueeze(-1)
-    flat = p.reshape(lead + (-1,))
-    return flat if index is None else flat.index_select(-1, index)
+    return active_values(p, index, shape)
 
 
 def restrict(scalar, index, shape):
@@ -262,8 +261,7 @@ class SubspacePrior(TorchDistribution):
         active_prior = restrict(self.scalar, self.index, self.site_shape)
         if active_prior is not None:
             return active_prior.log_prob(active_values(value, self.index, self.site_shape)).sum(-1)
-        lp = _flat(elementwise_log_prob(self.scalar, value, self.site_shape), self.site_shape)
-        return lp.index_select(-1, self.index).sum(-1)
+        return active_values(elementwise_log_prob(self.scalar, value, self.site_shape), self.index, self.site_shape).sum(-1)
 
 
 def _kl_active(q, p):

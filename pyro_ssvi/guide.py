@@ -36,7 +36,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.nn import PyroModule
 
 from .distributions import SparseNormal, factorised_base
-from .kernels import LinearPattern
+from .kernels import LinearPattern, in_row_major_order
 
 
 def init_to_normal(site=None, std=0.01):
@@ -107,7 +107,7 @@ class SparseSubspaceGuide(AutoGuide):
         ``|N(mean, std^2)|`` draws (the reference code's ``(6e-4, 5e-4)``, the default).
     :param str scale_transform: ``"softplus"`` (default) or ``"exp"``: ``sigma = t(rho)``.
     :param sparse_kernels: how ``F.linear`` runs on a sparse 2-d site (:mod:`pyro_ssvi.kernels`):
-        ``"auto"`` (default) measures the sparse CSR kernel against the dense product the first
+        ``"auto"`` (default) measures the sparse kernel against the dense product the first
         time each call shape occurs and keeps the faster (the sparse one only when it is below
         ``kernels.SPARSE_MARGIN`` of the dense time); ``True`` always uses the sparse kernel;
         ``False`` never (samples are dense, zero-filled tensors). A mapping ``site name ->
@@ -499,7 +499,7 @@ class SparseSubspaceGuide(AutoGuide):
         self.unconstrained_scale(name)[positions] = unconstrained_scale
         self.entry_births(name)[positions] = int(self.ssvi_step) + 1 if step is None else int(step)
         perm = None
-        if sort and not bool((index[1:] > index[:-1]).all()):
+        if sort and not in_row_major_order(index):
             perm = torch.argsort(index)
             for t in (index, self.loc(name), self.unconstrained_scale(name), self.entry_births(name)):
                 t.copy_(t.index_select(0, perm))

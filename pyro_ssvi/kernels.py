@@ -78,6 +78,12 @@ def _bag(col, crow, table, weights):
     return F.embedding_bag(col, table, crow[:-1], mode="sum", per_sample_weights=weights)
 
 
+def in_row_major_order(index):
+    """Whether the flat positions ``index`` are strictly increasing: the row-major order of the
+    weight's entries, which the kernels read without a permutation."""
+    return bool((index[1:] > index[:-1]).all())
+
+
 def _compressed(major, minor, n_major, order, dtype):
     """CSR ``crow``/``col`` for entries sorted by ``order`` (row-major in the compressed dim; ``None``:
     already in that order)."""
@@ -117,7 +123,7 @@ class LinearPattern:
         self.index = flat
         rows, cols = flat // in_f, flat % in_f
         # storage already in row-major order (SSVI keeps it so): values need no permutation
-        self.sorted = bool((flat[1:] > flat[:-1]).all())
+        self.sorted = in_row_major_order(flat)
         self.order = self.inverse = None
         if not self.sorted:
             self.order = torch.argsort(flat)  # storage slot of each CSR entry of W
@@ -149,10 +155,6 @@ class LinearPattern:
     def from_row_major(self, values):
         """Per-entry ``values`` in ``W``'s CSR order back in storage order."""
         return values if self.sorted else values.index_select(0, self.inverse)
-
-    def csr(self, values):
-        """``W`` as a CSR tensor, for ``values`` in storage order."""
-        return _csr(self.crow, self.col, self.to_row_major(values), self.shape)
 
     def structure(self, like):
         """``W``'s CSR structure with placeholder values of ``like``'s dtype and device (cached), for

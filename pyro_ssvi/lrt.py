@@ -64,8 +64,6 @@ def _unexpand(t):
 _METADATA = TENSOR_METADATA | {torch.Tensor.grad_fn.__get__, torch.zeros_like, torch.ones_like, torch.empty_like}
 
 
-
-
 class _Entry:
     """A registered Gaussian weight sample, or a shifted copy of one (``root`` counts its uses)."""
 

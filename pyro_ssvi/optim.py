@@ -63,15 +63,18 @@ def reset_optimizer_state(optim, params, positions):
     """
     if positions.numel() == 0:
         return
+    for value in _coordinate_states(optim, params):
+        value[positions] = 0
+
+
+def _coordinate_states(optim, params):
+    """Every optimiser state tensor of ``params`` shaped like its parameter (one entry per coordinate)."""
     params = list(params)
     for opt in torch_optimizers(optim):
         for p in params:
-            state = opt.state.get(p)
-            if not state:
-                continue
-            for value in state.values():
+            for value in (opt.state.get(p) or {}).values():
                 if torch.is_tensor(value) and value.shape == p.shape:
-                    value[positions] = 0
+                    yield value
 
 
 @torch.no_grad()
@@ -88,12 +91,8 @@ def permute_optimizer_state(optim, params, perm):
         >>> opt.state[p]["momentum_buffer"]
         tensor([3., 1., 2.])
     """
-    params = list(params)
-    for opt in torch_optimizers(optim):
-        for p in params:
-            for value in (opt.state.get(p) or {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    value.copy_(value[perm])
+    for value in _coordinate_states(optim, params):
+        value.copy_(value.index_select(0, perm))
 
 
 @functools.lru_cache(maxsize=16)

@@ -106,9 +106,11 @@ def test_other_elbos_match_dense(elbo):
     assert_same(*results)
 
 
+@pytest.mark.parametrize("sort", [False, True], ids=["slots-as-written", "slots-sorted"])
 @pytest.mark.parametrize("lrt", [False, True], ids=["weights", "lrt"])
-def test_after_subspace_update(lrt):
-    """A changed active set rebuilds the CSR structure, and the sparse path stays exact."""
+def test_after_subspace_update(lrt, sort):
+    """A changed active set rebuilds the CSR structure, and the sparse path stays exact, whether the
+    slots keep the order the update wrote (values permuted for the kernels) or are re-sorted as SSVI does."""
     model, g_sparse, g_dense = pair()
     x, y = torch.randn(5, 12, requires_grad=True), torch.randn(5, 9)
     elbo = pyro.infer.Trace_ELBO()
@@ -116,9 +118,10 @@ def test_after_subspace_update(lrt):
     assert g_sparse.kernel_pattern("fc.weight") is before  # cached while the set is unchanged
     inactive = (~g_sparse.active_mask("fc.weight").reshape(-1)).nonzero().squeeze(1)[:4]
     for g in (g_sparse, g_dense):
-        g.replace_entries("fc.weight", torch.tensor([0, 3, 5, 7]), inactive, torch.full((4,), 0.5), torch.zeros(4))
+        g.replace_entries("fc.weight", torch.tensor([0, 3, 5, 7]), inactive, torch.full((4,), 0.5), torch.zeros(4), sort=sort)
     after = g_sparse.kernel_pattern("fc.weight")
     assert after is not before and after.built_from(g_sparse.active_index("fc.weight"))
+    assert after.sorted == sort
     handlers = {g: LocalReparameterizationMessenger() if lrt else None for g in (g_sparse, g_dense)}
     for seed in range(2):
         assert_same(loss_and_grads(model, g_sparse, x, y, elbo, handlers[g_sparse], seed),
