@@ -9,6 +9,7 @@ Test metrics use the MC-averaged predictive (``--mc-samples`` weight draws).
 """
 
 import json
+import math
 import time
 
 import pyro
@@ -105,11 +106,12 @@ def plot_reliability_diagrams(path, probs_by_density, y):
 
 
 def parse_args(argv):
+    """The flags, each checked, and the output files found writable, before any data is loaded."""
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--densities", default="0.1,1.0", help="comma-separated densities (1.0 = dense VI)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch, every training image each step)")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--mc-samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -126,6 +128,13 @@ def parse_args(argv):
     for name in ("steps", "batch_size", "hidden", "mc_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr: expected a finite number > 0, got {args.lr}")
+    if args.out:
+        p.check_output_file("--out", args.out)
+    if args.plot:
+        p.check_image_file("--plot", args.plot)
+    p.check_distinct_files([("--out", args.out), ("--plot", args.plot)])
     return args
 
 

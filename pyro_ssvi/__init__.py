@@ -12,11 +12,13 @@ from .batched import BatchedLayersMessenger, batched_layers
 from .kernels import SparseWeight, sparse_linear
 from .handlers import DataGradientMessenger, KLScaleMessenger, SubspacePriorMessenger, subspace_prior
 from .lrt import LocalReparameterizationMessenger, local_reparameterization
-from .models import BayesianClassifier, bayesianize, cifar_resnet18
+from .models import BayesianClassifier, bayesianize, cifar_resnet18, clear_pretrained_values, pretrained_init, pretrained_values
 from .schedule import SwapSchedule
 from .subspace import select_swap
 from .optim import fresh_adam_correction, reset_optimizer_state
-from .svi import SSVI, NonFiniteLossError
+from .distributed import StructureMismatchError, SubspaceMismatchError
+from .finite import NonFiniteLossError
+from .svi import SSVI
 
 __version__ = "0.1.0"
 
@@ -29,7 +31,12 @@ __all__ = [
     "KLScaleMessenger",
     "bayesianize",
     "cifar_resnet18",
+    "clear_pretrained_values",
     "NonFiniteLossError",
+    "StructureMismatchError",
+    "SubspaceMismatchError",
+    "pretrained_init",
+    "pretrained_values",
     "LocalReparameterizationMessenger",
     "local_reparameterization",
     "SparseNormal",

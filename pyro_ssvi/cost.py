@@ -126,3 +126,12 @@ def flops_report(model, guide, *args, local_reparameterization=True, update_ever
         "dense_inference_flops": total,
         "per_site": {s: {"flops": f, "density": summary[s]["density"]} for s, f in per_site.items()},
     }
+
+
+__all__ = [
+    "dense_guide_bytes",
+    "flops_report",
+    "guide_state_bytes",
+    "layer_flops",
+    "tensor_bytes",
+]

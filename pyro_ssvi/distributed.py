@@ -7,7 +7,11 @@ usual gradient averaging, that every rank makes the *same* subspace update:
 * gradient-based addition ranks candidates by the data term's dense gradient averaged over
   ranks, :math:`\bar g = \frac1W \sum_r g_r`;
 * random addition draws from a generator seeded alike on every rank;
-* after every update a checksum of each site's active set is compared across ranks.
+* after every update a checksum of each site's active set is compared across ranks;
+* before any of that, at the first step, every rank's guide and model structure (site names,
+  active counts, tensor shapes and dtypes) is compared with one all-gather, so a rank built with
+  another ``density`` gets an error naming the site and the ranks instead of a collective that
+  hangs or aborts on mismatched sizes.
 
 These are pure functions of tensors and a process group; :class:`~pyro_ssvi.SSVI` calls them
 when ``torch.distributed`` is initialised (or it is given a ``process_group``).
@@ -21,6 +25,10 @@ class SubspaceMismatchError(RuntimeError):
     """The ranks of a distributed run hold different active sets for a site."""
 
 
+class StructureMismatchError(RuntimeError):
+    """The ranks of a distributed run built different guides or models (sites, active counts, shapes)."""
+
+
 def is_distributed(process_group=None):
     """Whether SSVI should synchronise: a group was given, or the default group is initialised."""
     return process_group is not None or (dist.is_available() and dist.is_initialized())
@@ -31,10 +39,45 @@ def world_size(process_group=None):
 
 
 def broadcast_state(module, process_group=None, src=0):
-    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place."""
+    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place (entries of
+    ``state_dict()`` that are not tensors, such as a module's extra state, are left alone)."""
     with torch.no_grad():
         for tensor in module.state_dict(keep_vars=True).values():
-            dist.broadcast(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor, src, group=process_group)
+            if torch.is_tensor(tensor):
+                dist.broadcast(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor, src, group=process_group)
+
+
+def describe_state(module, prefix=""):
+    """``{prefix + key: "shape dtype"}`` for every tensor of ``module.state_dict()``: what
+    :func:`broadcast_state` needs to agree between ranks."""
+    return {
+        prefix + key: f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+        for key, t in module.state_dict(keep_vars=True).items()
+        if torch.is_tensor(t)
+    }
+
+
+def check_same_structure(description, process_group=None):
+    """Raise :class:`StructureMismatchError` on every rank if the ranks' ``description`` differ.
+
+    :param dict description: ``{what: value}`` on this rank, e.g. ``{"site 'fc1.weight'": "740 of
+        7400 active"}`` and :func:`describe_state` entries; compared with one ``all_gather_object``.
+        The error names the first entry that differs and which ranks hold which value.
+    """
+    gathered = [None] * world_size(process_group)
+    dist.all_gather_object(gathered, description, group=process_group)
+    names = list(dict.fromkeys(name for d in gathered for name in d))
+    for name in names:
+        values = [d.get(name, "absent") for d in gathered]
+        if len(set(values)) > 1:
+            groups = {}
+            for rank, value in enumerate(values):
+                groups.setdefault(value, []).append(rank)
+            held = "; ".join(f"{value} on ranks {ranks}" for value, ranks in groups.items())
+            raise StructureMismatchError(
+                f"the ranks built different guides or models: {name}: {held}; every rank must build the same "
+                "model and guide (same density, dense_sites, network and dtype)"
+            )
 
 
 def average_(tensors, process_group=None):
@@ -95,7 +138,10 @@ def check_same_active_sets(indices, step, process_group=None):
 
 
 __all__ = [
+    "StructureMismatchError",
     "SubspaceMismatchError",
+    "check_same_structure",
+    "describe_state",
     "active_set_checksum",
     "average_",
     "broadcast_state",

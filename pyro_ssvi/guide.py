@@ -34,6 +34,7 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide, AutoGuideList
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.nn import PyroModule
+from pyro.poutine.runtime import am_i_wrapped
 
 from .distributions import SparseNormal, factorised_base
 from .kernels import LinearPattern, in_row_major_order
@@ -103,8 +104,20 @@ class SparseSubspaceGuide(AutoGuide):
         e.g. the first convolution in the reference recipe.
     :param callable init_loc_fn: a Pyro init function ``site -> value``; the value is
         read at the active coordinates once and discarded. Default: ``N(0, 0.01^2)``.
+    :param str init_subspace: how each sparse site's initial active set is chosen: ``"random"``
+        (default, the reference recipe: ``k`` entries uniformly at random) or ``"magnitude"``: the
+        ``k`` entries of largest ``|value|`` of the site's initial value (what ``init_loc_fn``
+        returns; ties go to the lower flat position). With Pyro's ``init_to_value(values=...)`` of a
+        trained network (:func:`pyro_ssvi.pretrained_values`) the sparse posterior then starts on the
+        network's largest weights, at their values, and training becomes fine-tuning.
     :param init_scale: initial standard deviation: a float, or a pair ``(mean, std)`` for
         ``|N(mean, std^2)|`` draws (the reference code's ``(6e-4, 5e-4)``, the default).
+    :param callable create_plates: as for Pyro's autoguides, a function of the model's arguments
+        returning the ``pyro.plate`` (or plates) the guide creates before sampling, e.g. with the
+        minibatch's ``subsample`` indices, so that the model's subsampled plate uses them.
+    :param float relative_init_scale: if given, ``delta``: each active entry starts at
+        ``sigma = delta * |mu|`` instead (MOPED, Krishnan, Subedar, Tickoo, AAAI 2020), floored at
+        1e-8 (a zero mean gets ``init_scale``'s draw); for starting from a pretrained network.
     :param str scale_transform: ``"softplus"`` (default) or ``"exp"``: ``sigma = t(rho)``.
     :param sparse_kernels: how ``F.linear`` runs on a sparse 2-d site (:mod:`pyro_ssvi.kernels`):
         ``"auto"`` (default) measures the sparse kernel against the dense product the first
@@ -125,21 +138,33 @@ class SparseSubspaceGuide(AutoGuide):
         init_scale=(6e-4, 5e-4),
         scale_transform="softplus",
         sparse_kernels="auto",
+        init_subspace="random",
+        relative_init_scale=None,
+        create_plates=None,
     ):
         self._density = self._check_density(density)
         self._kernel_choice = self._check_kernels(sparse_kernels)
         self._patterns = {}
+        self._kernel_decisions = {}  # site -> {call shape: measured choice}, shared with the site's patterns
         if isinstance(dense_sites, str) or not all(isinstance(s, str) for s in dense_sites):
             raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
         self._dense_sites = frozenset(dense_sites)
         self._init_scale = self._check_init_scale(init_scale)
+        if init_subspace not in ("random", "magnitude"):
+            raise ValueError(f"init_subspace: expected 'random' or 'magnitude', got {init_subspace!r}")
+        self.init_subspace = init_subspace
+        if relative_init_scale is not None and not (
+            isinstance(relative_init_scale, (int, float)) and not isinstance(relative_init_scale, bool) and 0 < relative_init_scale < float("inf")
+        ):
+            raise ValueError(f"relative_init_scale: expected a positive float or None, got {relative_init_scale!r}")
+        self._relative_init_scale = None if relative_init_scale is None else float(relative_init_scale)
         if scale_transform not in ("softplus", "exp"):
             raise ValueError(f"scale_transform: expected 'softplus' or 'exp', got {scale_transform!r}")
         self.scale_transform = scale_transform
         if not callable(init_loc_fn):
             raise ValueError(f"init_loc_fn: expected a callable site -> value, got {init_loc_fn!r}")
         self.init_loc_fn = init_loc_fn
-        super().__init__(InitMessenger(init_loc_fn)(model))
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
         self._sites = None
         self.register_buffer("ssvi_step", torch.zeros((), dtype=torch.long))
 
@@ -213,18 +238,9 @@ class SparseSubspaceGuide(AutoGuide):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             fn = site["fn"]
             if not _is_real(fn.support):
-                raise ValueError(
-                    f"site {name!r}: support {fn.support} is not real; SparseSubspaceGuide only handles "
-                    "real-valued latent sites. For a hierarchical prior (a scale such as tau ~ HalfCauchy) "
-                    "or a discrete site, give those sites their own guide: AutoGuideList with "
-                    "SparseSubspaceGuide(poutine.block(model, expose=[weights])) and "
-                    "AutoNormal(poutine.block(model, hide=[weights]))"
-                )
+                raise ValueError(_unsupported_support_message(name, fn.support))
             if fn.batch_shape != torch.Size():
-                raise ValueError(
-                    f"site {name!r}: prior has batch shape {tuple(fn.batch_shape)}; declare the weight's dims "
-                    f"as event dims, e.g. prior.to_event({len(fn.batch_shape)})"
-                )
+                raise ValueError(_batch_shape_message(name, site))
             shape = fn.event_shape
             numel = shape.numel()
             density = self._site_density(name)
@@ -241,10 +257,13 @@ class SparseSubspaceGuide(AutoGuide):
                 loc = value.reshape(-1).clone()
                 index = torch.zeros(0, dtype=_index_dtype(numel), device=device)
             else:
-                index = torch.randperm(numel, device=device)[:k].sort().values
+                index = self._initial_subspace(value, k).sort().values
                 loc = value.reshape(-1)[index].clone()
                 index = index.to(_index_dtype(numel))
             scale = self._draw_scale(k, value)
+            if self._relative_init_scale is not None:
+                relative = (self._relative_init_scale * loc.abs()).clamp_min(1e-8)
+                scale = torch.where(loc != 0, relative, scale)
             _deep_set(self.indices, name, index, buffer=True)
             _deep_set(self.births, name, torch.zeros(0 if k == numel else k, dtype=torch.int32, device=device), buffer=True)
             _deep_set(self.locs, name, torch.nn.Parameter(loc))
@@ -262,6 +281,13 @@ class SparseSubspaceGuide(AutoGuide):
         self._sites = sites
         # Drop the prototype trace: it holds a dense copy of every weight.
         self.prototype_trace = None
+
+    def _initial_subspace(self, value, k):
+        """Flat positions of a site's ``k`` initial active entries (see ``init_subspace``)."""
+        if self.init_subspace == "magnitude":
+            order = torch.argsort(value.reshape(-1).abs(), descending=True, stable=True)  # ties: lower position first
+            return order[:k]
+        return torch.randperm(value.numel(), device=value.device)[:k]
 
     def _draw_scale(self, k, like):
         if isinstance(self._init_scale, float):
@@ -352,31 +378,67 @@ class SparseSubspaceGuide(AutoGuide):
         or ``None`` when the site runs dense (see ``sparse_kernels``)."""
         info = self.site_info(name)
         choice = self._site_kernel_choice(name)
-        if info.full or len(info.shape) != 2 or choice is False:
-            return None
+        if info.full or len(info.shape) != 2 or choice is False or torch.jit.is_tracing():
+            return None  # under torch.jit tracing: the dense path (same values; no timing inside a trace)
         index = self.active_index(name)
         pattern = self._patterns.get(name)
         if pattern is None or not pattern.built_from(index):
             # a subspace update (or a move to another device) changed the active set: new structure,
             # same measured choices (the site's size and density are unchanged)
-            decisions = pattern.decisions if pattern is not None and pattern.shape == info.shape else None
+            decisions = self._kernel_decisions.setdefault(name, {})
             pattern = LinearPattern(index, info.shape, policy="sparse" if choice is True else "auto", decisions=decisions)
             self._patterns[name] = pattern
         return pattern
 
     def kernel_report(self):
-        """``{site: [{"rows", "dtype", "device", "sparse", "dense_s", "sparse_s"}, ...]}``: the
-        measured kernel choices of each 2-d sparse site (one entry per call shape met so far)."""
+        """``{site: [{"rows", "dtype", "device", "input_grad", "value_grad", "sparse", "dense_s",
+        "sparse_s"}, ...]}``: the measured kernel choices of each 2-d sparse site, one entry per call
+        shape met so far (plus ``{"sparse": True, "forced": True}`` for a site forced onto the sparse
+        kernel). The same table is saved in :meth:`state_dict` (see :meth:`kernel_decisions`)."""
         self._require_setup("kernel_report")
-        out = {}
+        out = {name: [dict(entry) for entry in rows] for name, rows in self.kernel_decisions().items()}
         for name, pattern in self._patterns.items():
-            out[name] = [
-                {"rows": key[0], "dtype": str(key[1]), "device": str(key[2]), **decision}
-                for key, decision in pattern.decisions.items()
-            ]
             if pattern.policy == "sparse":
-                out[name].append({"rows": None, "sparse": True, "forced": True})
+                out.setdefault(name, []).append({"rows": None, "sparse": True, "forced": True})
         return out
+
+    def kernel_decisions(self):
+        """The measured sparse-or-dense choice of every site and call shape, as plain data:
+        ``{site: [{"rows", "dtype", "device", "input_grad", "value_grad", "sparse", "dense_s", "sparse_s"}]}``.
+
+        ``sparse_kernels="auto"`` times both paths the first time a call shape occurs, so which path
+        runs would otherwise depend on the machine's load. The table is part of :meth:`state_dict`
+        (the module's extra state): a run resumed from a checkpoint takes the paths the first run
+        measured, whatever the load, and its float rounding is the same. To fix the choices of a new
+        run, pass a table (e.g. from an earlier run) to :meth:`set_kernel_decisions`, or choose per site
+        with ``sparse_kernels=True / False``."""
+        return {
+            name: [_decision_row(key, decision) for key, decision in decisions.items()]
+            for name, decisions in self._kernel_decisions.items()
+            if decisions
+        }
+
+    def set_kernel_decisions(self, table):
+        """Use the choices of ``table`` (as :meth:`kernel_decisions` returns) instead of measuring
+        those call shapes; sites it names lose their other measured choices. Call shapes it does not
+        hold are still measured on first use."""
+        parsed = {}
+        unknown = sorted(set(table) - set(self._sites or ())) if isinstance(table, Mapping) else []
+        if unknown:
+            raise ValueError(f"kernel decisions: unknown site names {unknown}; the guide has {list(self._sites or ())}")
+        for name, rows in _check_decision_table(table).items():
+            parsed[name] = dict(_decision_key(row) for row in rows)
+        for name, decisions in parsed.items():
+            shared = self._kernel_decisions.setdefault(name, {})
+            shared.clear()  # in place: built patterns hold this dict
+            shared.update(decisions)
+
+    def get_extra_state(self):
+        """What ``state_dict()`` saves beside the tensors: the measured kernel choices."""
+        return {"kernel_decisions": self.kernel_decisions()}
+
+    def set_extra_state(self, state):
+        self.set_kernel_decisions(state.get("kernel_decisions", {}))
 
     def active_mask(self, name):
         """Boolean tensor shaped like the site, true on the active set."""
@@ -392,8 +454,15 @@ class SparseSubspaceGuide(AutoGuide):
 
         A sample is the site's dense tensor, or for a 2-d site on sparse kernels a
         :class:`~pyro_ssvi.kernels.SparseWeight` that behaves as that dense tensor."""
+        if torch.jit.is_tracing() and am_i_wrapped():
+            raise NotImplementedError(
+                "SparseSubspaceGuide under a JIT ELBO (JitTrace_ELBO, JitTraceMeanField_ELBO, ...): the compiled "
+                "loss does not reproduce the non-JIT scale gradients of this guide, so it is refused; use the "
+                "non-JIT ELBO of the same name (tracing guide.call() alone with torch.jit.trace_module works)"
+            )
         if self._sites is None:
             self._setup_prototype(*args, **kwargs)
+        self._create_plates(*args, **kwargs)  # create_plates: the guide draws the plates' subsamples, as AutoNormal
         result = {}
         for name in self._sites:
             result[name] = pyro.sample(name, self.get_posterior(name))
@@ -508,17 +577,154 @@ class SparseSubspaceGuide(AutoGuide):
 
     # checkpoints -----------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load a checkpoint of this guide, all or nothing.
+
+        The whole state dict is checked before anything is copied (:meth:`check_state_dict`); on a
+        problem a ``ValueError`` names the site and the guide is left exactly as it was. A checkpoint
+        written before kernel choices were saved (no ``_extra_state``) loads with none.
+        """
         self._require_setup("load_state_dict")
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # called for this module before its submodules (also inside an AutoGuideList): check everything first
+        self._require_setup("load_state_dict")
+        self.check_state_dict(state_dict, prefix, strict=strict)
+        state_dict.setdefault(prefix + "_extra_state", {"kernel_decisions": {}})  # a copy made by load_state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def check_state_dict(self, state_dict, prefix="", strict=True):
+        """Raise ``ValueError`` naming the site (or key) if ``state_dict`` (keys under ``prefix``) cannot be
+        loaded into this guide: missing or unexpected keys (with ``strict``), a tensor of another shape
+        or dtype kind, non-finite means or scales, active indices out of ``[0, numel)`` or repeated,
+        negative births. Slots may come in any order (SSVI keeps them in row-major
+        order; the kernels accept any), each with its own index, mean, scale and birth."""
+        self._require_setup("check_state_dict")
+        own = self.state_dict()
+        given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if strict:
+            missing = [k for k in own if k not in given and k != "_extra_state"]
+            unexpected = [k for k in given if k not in own]
+            if missing or unexpected:
+                raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} for this guide "
+                                 f"(sites {list(self._sites)})")
+        for key, value in given.items():
+            if key == "_extra_state" or key not in own:
+                continue
+            mine = own[key]
+            if not torch.is_tensor(value) or value.shape != mine.shape or value.is_floating_point() != mine.is_floating_point():
+                got = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"state_dict: {key!r} is {got}, this guide expects {tuple(mine.shape)} {mine.dtype}"
+                                 f"{self._site_hint(key)}")
+        step = given.get("ssvi_step", self.ssvi_step)
+        if int(step) < 0:
+            raise ValueError(f"state_dict: ssvi_step is {int(step)}, expected >= 0")
         for name, info in self._sites.items():
-            index = attrgetter(name)(self.indices)
-            if index.numel() != (0 if info.full else info.k):
-                raise ValueError(f"state_dict: site {name!r} has {index.numel()} active indices, expected {info.k}")
-            if index.numel() and (index.min() < 0 or index.max() >= info.numel):
-                raise ValueError(f"state_dict: active indices of site {name!r} out of range [0, {info.numel})")
-            if self.entry_births(name).numel() != index.numel():
-                raise ValueError(f"state_dict: site {name!r} has {self.entry_births(name).numel()} births, expected {index.numel()}")
-        return result
+            self._check_site_state(name, info, given)
+        if "_extra_state" in given:
+            try:
+                _check_decision_table(given["_extra_state"].get("kernel_decisions", {}))
+            except (AttributeError, TypeError, ValueError) as e:
+                raise ValueError(f"state_dict: _extra_state: {e}") from e
+
+    def _site_hint(self, key):
+        """``" (site 'x': the checkpoint's active count differs: another density?)"`` for a site's key."""
+        for part in ("locs.", "unconstrained_scales.", "indices.", "births."):
+            if key.startswith(part) and key[len(part):] in self._sites:
+                name = key[len(part):]
+                return f" (site {name!r} with {self._sites[name].k} active entries: written with another density or network?)"
+        return ""
+
+    def _check_site_state(self, name, info, given):
+        site = f"state_dict: site {name!r}"
+        for part in ("locs", "unconstrained_scales"):
+            value = given.get(f"{part}.{name}")
+            if value is not None and not torch.isfinite(value).all():
+                raise ValueError(f"{site}: {part} holds non-finite values")
+        index = given.get(f"indices.{name}")
+        if index is not None and index.numel():
+            if index.min() < 0 or index.max() >= info.numel:
+                raise ValueError(f"{site}: active indices out of range [0, {info.numel}) "
+                                 f"(min {int(index.min())}, max {int(index.max())})")
+            distinct = torch.unique(index).numel()
+            if distinct != index.numel():
+                raise ValueError(f"{site}: active indices repeat ({distinct} distinct of {index.numel()})")
+        births = given.get(f"births.{name}")
+        if births is not None and births.numel() and births.min() < 0:
+            raise ValueError(f"{site}: negative birth steps")
+
+
+def _decision_row(key, decision):
+    rows, dtype, device, input_grad, value_grad = key
+    return {"rows": rows, "dtype": str(dtype), "device": str(device), "input_grad": bool(input_grad),
+            "value_grad": bool(value_grad), **decision}
+
+
+def _decision_key(row):
+    """``(call-shape key, decision)`` of one row of a decision table (the inverse of :func:`_decision_row`)."""
+    dtype = getattr(torch, row["dtype"].replace("torch.", ""))
+    key = (int(row["rows"]), dtype, torch.device(row["device"]), bool(row["input_grad"]), bool(row["value_grad"]))
+    decision = {k: v for k, v in row.items() if k not in ("rows", "dtype", "device", "input_grad", "value_grad")}
+    return key, decision
+
+
+def _check_decision_table(table):
+    """``table`` if it is a decision table (``{site: [row, ...]}``), else ``ValueError`` saying what is wrong."""
+    if not isinstance(table, Mapping):
+        raise ValueError(f"kernel decisions: expected a mapping site -> list of rows, got {type(table).__name__}")
+    for name, rows in table.items():
+        for row in rows:
+            try:
+                _decision_key(row)
+                ok = isinstance(row["sparse"], bool)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"kernel decisions of site {name!r}: a row needs rows, dtype, device, input_grad, "
+                                 f"value_grad and sparse (bool), got {row!r}")
+    return table
+
+
+def _unsupported_support_message(name, support):
+    """Why a site with a non-real ``support`` cannot be sparse, and what works instead (as Pyro advises)."""
+    base = support
+    while hasattr(base, "base_constraint"):
+        base = base.base_constraint
+    head = f"site {name!r}: support {support} is not real; SparseSubspaceGuide only handles real-valued latent sites. "
+    if getattr(support, "is_discrete", False):
+        return head + (
+            "For a discrete latent, enumerate it out (pyro.infer.TraceEnum_ELBO with infer={'enumerate': 'parallel'}) and "
+            "hide it from the guide, or give it its own guide in an AutoGuideList, e.g. "
+            f"AutoDiscreteParallel or AutoDelta(poutine.block(model, expose=[{name!r}]))"
+        )
+    if type(base).__name__ == "_Sphere":
+        return head + (
+            "For a direction on the sphere, reparameterise it as Pyro advises: "
+            f"poutine.reparam(model, config={{{name!r}: ProjectedNormalReparam()}}) (pyro.infer.reparam), which "
+            "makes it a real-valued site this guide can fit"
+        )
+    return head + (
+        "For a constrained site such as a hierarchical prior's scale (tau ~ HalfCauchy), give it its own guide: "
+        "AutoGuideList with AutoNormal(poutine.block(model, hide=[weights])) and "
+        "SparseSubspaceGuide(poutine.block(model, expose=[weights]))"
+    )
+
+
+def _batch_shape_message(name, site):
+    """Why a site with a batch shape cannot be sparse: a plate-local latent, or dims not declared as event dims."""
+    fn = site["fn"]
+    plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+    if plates:
+        return (
+            f"site {name!r}: it is local to pyro.plate({', '.join(map(repr, plates))}) (batch shape "
+            f"{tuple(fn.batch_shape)}); SparseSubspaceGuide holds global latents only. Give plate-local sites their "
+            f"own guide: AutoGuideList with AutoNormal(poutine.block(model, expose=[{name!r}])) and this guide "
+            f"on poutine.block(model, hide=[{name!r}]), or move the plate's dim into the site's event shape"
+        )
+    return (
+        f"site {name!r}: prior has batch shape {tuple(fn.batch_shape)} outside any plate; declare the weight's dims "
+        f"as event dims, e.g. prior.to_event({len(fn.batch_shape)})"
+    )
 
 
 def sparse_parts(guide):

@@ -155,3 +155,11 @@ class KLScaleMessenger(Messenger):
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and self.scale != 1.0:
             msg["scale"] = msg["scale"] * self.scale
+
+
+__all__ = [
+    "DataGradientMessenger",
+    "KLScaleMessenger",
+    "SubspacePriorMessenger",
+    "subspace_prior",
+]

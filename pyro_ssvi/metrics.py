@@ -7,6 +7,8 @@ Classification (``probs``: predictive class probabilities, shape ``(N, C)``; ``y
 * :func:`ece`: expected calibration error with 15 equal-width bins on the top-label confidence,
   :math:`\sum_b \frac{|B_b|}{N} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`, and
   :func:`reliability_diagram` (the per-bin data behind it; :func:`plot_reliability` draws it).
+* :func:`fit_temperature` / :func:`apply_temperature`: post-hoc temperature scaling (Guo et al.
+  2017), one temperature fitted on validation logits or on an MC predictive's probabilities.
 
 Uncertainty from MC samples (``sample_probs``: ``(S, N, C)``):
 
@@ -320,3 +322,170 @@ def classification_metrics(probs, y):
 def classification_report(sample_logits, y):
     """:func:`classification_metrics` of the MC-averaged predictive from logits ``(S, N, C)``."""
     return classification_metrics(sample_logits.softmax(-1).mean(0), y)
+
+
+# post-hoc temperature scaling ---------------------------------------------------------------
+
+#: rows of an input taken as probabilities must sum to 1 within this (float32 averages of MC
+#: softmax draws are off by about 1e-7 per row)
+_PROBS_ATOL = 1e-4
+
+
+def _looks_like_probs(x):
+    """Whether every entry of ``x`` lies in [0, 1] and every row sums to 1 (within ``_PROBS_ATOL``)."""
+    return bool((x >= 0).all() and (x <= 1).all() and ((x.sum(-1) - 1).abs() <= _PROBS_ATOL).all())
+
+
+def _temperature_logits(logits_or_probs, from_probs, arg="logits_or_probs"):
+    """``(N, C)`` float64 logits for temperature scaling, after checking the input.
+
+    Probabilities ``p`` (``from_probs=True``, or detected when ``None``) become ``log max(p, 1e-12)``:
+    up to a constant per row these are logits of ``p``, so ``softmax(log p / T)`` is proportional
+    to ``p^(1/T)`` (and equals ``p`` at ``T = 1``, up to the 1e-12 floor that :func:`nll` uses too).
+    """
+    x = torch.as_tensor(logits_or_probs)
+    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 2:
+        raise ValueError(f"{arg}: expected shape (N, C) with N >= 1 and C >= 2, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{arg}: expected a floating tensor, got dtype {x.dtype}")
+    if from_probs is not None and not isinstance(from_probs, bool):
+        raise ValueError(f"from_probs: expected None (detect), True or False, got {from_probs!r}")
+    x = x.detach().to(torch.float64)
+    if torch.isnan(x).any() or torch.isposinf(x).any():
+        raise ValueError(f"{arg}: contains NaN or +inf")
+    if from_probs is None:
+        from_probs = _looks_like_probs(x)
+    if from_probs:
+        if not _looks_like_probs(x):
+            raise ValueError(f"{arg}: from_probs=True, but the rows are not probabilities (entries in [0, 1] summing to 1)")
+        return x.clamp_min(_EPS).log()
+    if torch.isinf(x).any():
+        raise ValueError(f"{arg}: logits contain -inf; pass probabilities with from_probs=True instead")
+    return x
+
+
+def _check_labels(labels, n, c):
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"labels: expected shape ({n},), got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels: expected integer class indices, got dtype {y.dtype}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= c):
+        raise ValueError(f"labels: expected class indices in [0, {c}), got values in [{int(y.min())}, {int(y.max())}]")
+    return y.long()
+
+
+def _scaled_nll(z, y, log_t):
+    """Mean NLL ``-1/N sum_i log softmax(z_i / T)_{y_i}`` at ``T = exp(log_t)``."""
+    return -(z / log_t.exp()).log_softmax(-1).gather(-1, y.unsqueeze(-1)).mean()
+
+
+def fit_temperature(logits_or_probs, labels, *, from_probs=None, max_iter=100):
+    r"""Fit the temperature of post-hoc temperature scaling on held-out (validation) data.
+
+    Temperature scaling (Guo, Pleiss, Sun and Weinberger, "On Calibration of Modern Neural
+    Networks", ICML 2017) divides the logits by one scalar :math:`T > 0`, fitted by maximum
+    likelihood on data the network was not trained on:
+
+    .. math:: T^* = \arg\min_{T > 0} -\frac1N \sum_{i=1}^N \log \mathrm{softmax}(z_i / T)_{y_i}
+
+    It changes confidence, never the predicted class. The minimisation runs over :math:`\log T`
+    (unconstrained) with ``torch.optim.LBFGS`` (``line_search_fn="strong_wolfe"``) in float64,
+    from :math:`T = 1`; :math:`T = 1` is returned whenever the fit would not lower the NLL, so
+    the NLL at the result never exceeds the NLL at :math:`T = 1`. In :math:`\beta = 1/T` the
+    objective is convex (a log-sum-exp of functions linear in :math:`\beta`), so the minimum
+    is unique when it exists; without one (every label predicted with a margin: :math:`T \to 0`;
+    predictions worse than uniform: :math:`T \to \infty`) the fit stops once the gradient is
+    negligible and returns a small or a large :math:`T`.
+
+    **Probabilities.** For a Bayesian network the predictive is an average of softmax draws,
+    :math:`\bar p = \frac1S \sum_s \mathrm{softmax}(z^{(s)})`, not a softmax of one logit
+    vector. The standard choice for MC predictives and ensembles, taken here, scales the log of
+    the averaged predictive: :math:`\log \bar p` plays the logits, and the calibrated predictive
+    is :math:`\mathrm{softmax}(\log \bar p / T) \propto \bar p^{1/T}` (probabilities are floored
+    at 1e-12 before the log, as in :func:`nll`).
+
+    :param logits_or_probs: ``(N, C)`` logits (any finite reals) or predictive probabilities
+        (entries in ``[0, 1]``, rows summing to 1), e.g. ``sample_logits.softmax(-1).mean(0)``.
+    :param labels: ``(N,)`` integer class indices in ``[0, C)``.
+    :param from_probs: ``True`` for probabilities, ``False`` for logits; ``None`` (default) takes
+        the input as probabilities exactly when every row looks like one (logits rarely do, but
+        pass the flag when in doubt).
+    :param int max_iter: LBFGS iterations (each with its line search); 1-D, so few are needed.
+    :returns: the temperature ``T`` (a float); use it with :func:`apply_temperature`.
+
+        >>> z = torch.tensor([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+        >>> T = fit_temperature(z, torch.tensor([0, 0, 1, 1]))  # one confident mistake in four
+        >>> T > 1 and nll(apply_temperature(z, T), torch.tensor([0, 0, 1, 1])) < nll(z.softmax(-1), torch.tensor([0, 0, 1, 1]))
+        True
+    """
+    z = _temperature_logits(logits_or_probs, from_probs)
+    y = _check_labels(labels, *z.shape).to(z.device)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
+    log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _scaled_nll(z, y, log_t)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        at_one = _scaled_nll(z, y, torch.zeros_like(log_t))
+        fitted = _scaled_nll(z, y, log_t)
+    if not (torch.isfinite(log_t) and torch.isfinite(fitted)) or fitted > at_one:
+        return 1.0
+    return float(log_t.detach().exp())
+
+
+def apply_temperature(logits_or_probs, T, *, from_probs=None):
+    r"""Calibrated probabilities :math:`\mathrm{softmax}(z / T)`, ``(N, C)``.
+
+    ``logits_or_probs`` and ``from_probs`` as in :func:`fit_temperature`: probabilities :math:`p`
+    are scaled through their log, giving :math:`p^{1/T}` renormalised. The result has the input's
+    floating dtype (computed in float64) and device.
+
+        >>> apply_temperature(torch.tensor([[2.0, 0.0]]), 2.0)
+        tensor([[0.7311, 0.2689]])
+    """
+    if torch.is_tensor(T) and T.numel() == 1:
+        T = T.item()
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not (math.isfinite(T) and T > 0):
+        raise ValueError(f"T: expected a positive finite temperature, got {T!r}")
+    x = torch.as_tensor(logits_or_probs)
+    z = _temperature_logits(x, from_probs)
+    return (z / T).softmax(-1).to(x.dtype)
+
+
+__all__ = [
+    "accuracy",
+    "apply_temperature",
+    "aupr",
+    "auroc",
+    "aurc",
+    "brier",
+    "classification_metrics",
+    "classification_report",
+    "ece",
+    "fit_temperature",
+    "fpr_at_tpr",
+    "gaussian_test_ll",
+    "mc_predict",
+    "mean_predict",
+    "mutual_information",
+    "nll",
+    "ood_metrics",
+    "ood_report",
+    "plot_reliability",
+    "plot_uncertainty_histograms",
+    "predictive_entropy",
+    "reliability_diagram",
+    "rmse",
+    "selective_accuracy",
+    "selective_metrics",
+    "uncertainty_scores",
+]

@@ -2,7 +2,12 @@
 
 * :func:`bayesianize` makes chosen weights of an ordinary ``nn.Module`` ``PyroSample`` sites
   (default: every ``Linear`` and ``Conv`` weight; batch-norm parameters and biases stay
-  deterministic parameters).
+  deterministic parameters). It keeps the values it replaced: :func:`pretrained_values` returns
+  them by site name, and :func:`pretrained_init` is an ``init_loc_fn`` starting a guide there::
+
+      net = bayesianize(trained_net)                  # trained_net: an ordinary, trained nn.Module
+      model = BayesianClassifier(net)
+      guide = SparseSubspaceGuide(model, density=0.1, init_loc_fn=pretrained_init(model))
 * :class:`BayesianClassifier` adds the likelihood: a ``pyro.plate`` over the minibatch and a
   ``Categorical`` site named ``obs``, scaled to the full data set when ``num_data`` is set.
 * :func:`cifar_resnet18` builds the CIFAR-style ResNet-18 of the reference recipe (3x3 stem,
@@ -21,10 +26,12 @@ import pyro.distributions as dist
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 
 from .distributions import factorised_base
+from .guide import init_to_normal
 
 #: module types whose ``weight`` becomes Bayesian by default
 DEFAULT_BAYESIAN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -74,6 +81,10 @@ def distribution_to(fn, device, dtype=None):
 #: and tells the prior where to live
 _ANCHOR = "_prior_device_anchor"
 
+#: prefix of the non-persistent buffers that keep the values ``bayesianize`` replaced:
+#: ``module._pretrained_weight`` holds what ``module.weight`` was
+_PRETRAINED = "_pretrained_"
+
 
 class DevicePrior:
     """A ``PyroSample`` prior that follows its module's device and floating dtype.
@@ -108,7 +119,7 @@ class DevicePrior:
         return {"fn": self.fn, "scalar": self.scalar, "_by_device": {}}
 
 
-def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
+def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=(), *, keep_values=True):
     """Convert ``net`` (in place) into a ``PyroModule`` whose chosen weights are ``PyroSample`` sites.
 
     :param nn.Module net: an ordinary network.
@@ -118,6 +129,13 @@ def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
     :param include: module types whose ``weight`` becomes Bayesian, or parameter-name patterns
         (``fnmatch`` style, e.g. ``"layer*.conv*.weight"``). Default: Linear and Conv weights.
     :param exclude: parameter-name patterns kept deterministic (e.g. ``"fc.weight"``).
+    :param bool keep_values: keep a copy of each replaced weight (default), for
+        :func:`pretrained_values` / :func:`pretrained_init`. The copy is a non-persistent buffer
+        of the weight's module (``module._pretrained_weight``): it follows ``net.to(device or
+        dtype)``, ``copy.deepcopy`` and pickling, is not a parameter (no optimiser sees it) and
+        stays out of ``state_dict()``, so checkpoints are not doubled. It costs one dense copy
+        of the converted weights in memory; :func:`clear_pretrained_values` frees it once a
+        guide has read it.
     :returns: the converted network (the same object, now a ``PyroModule``).
     """
     if not isinstance(net, nn.Module):
@@ -146,12 +164,77 @@ def bayesianize(net, prior=None, include=DEFAULT_BAYESIAN_TYPES, exclude=()):
     for mod_name, pname, full, shape in chosen:
         module = net.get_submodule(mod_name) if mod_name else net
         fn, scalar = _make_prior(prior, full, shape)
+        weight = getattr(module, pname)
         if getattr(module, _ANCHOR, None) is None:
-            weight = getattr(module, pname)
             module.register_buffer(_ANCHOR, torch.empty(0, device=weight.device, dtype=weight.dtype), persistent=False)
+        if keep_values:  # a copy: the caller may still hold (and change) the old Parameter
+            module.register_buffer(_PRETRAINED + pname, weight.detach().clone(), persistent=False)
         setattr(module, pname, PyroSample(DevicePrior(fn, scalar)))
     net.bayesian_sites = tuple(full for _, _, full, _ in chosen)
     return net
+
+
+def _pretrained_buffers(net):
+    """``(module path, module, parameter name, buffer name)`` of every kept value under ``net``."""
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"net: expected a torch.nn.Module, got {type(net).__name__}")
+    for path, module in net.named_modules():
+        for key, _ in list(module.named_buffers(recurse=False)):
+            if key.startswith(_PRETRAINED):
+                yield path, module, key[len(_PRETRAINED) :], key
+
+
+def pretrained_values(net):
+    """The weights :func:`bayesianize` replaced by sample sites: ``{site name: tensor}``.
+
+    Pass the model the guide traces: Pyro names a site by its module's path from the model
+    (``"layer1.0.conv1.weight"`` for the bayesianized network itself, ``"net.layer1.0.conv1.weight"``
+    inside a :class:`BayesianClassifier`), and so does this function, with the paths of
+    ``net.named_modules()``. The tensors are the stored buffers themselves (on the network's current
+    device and dtype; do not modify them in place); ``{}`` when nothing was kept.
+
+    Start a guide at the pretrained network with Pyro's ``init_to_value`` (or :func:`pretrained_init`)::
+
+        guide = SparseSubspaceGuide(model, init_loc_fn=init_to_value(values=pretrained_values(model)))
+
+        >>> net = bayesianize(nn.Linear(3, 2))
+        >>> list(pretrained_values(BayesianClassifier(net)))
+        ['net.weight']
+    """
+    values = {}
+    for path, module, pname, key in _pretrained_buffers(net):
+        values[f"{path}.{pname}" if path else pname] = getattr(module, key)
+    return values
+
+
+def pretrained_init(net, fallback=None):
+    """A Pyro ``init_loc_fn`` that starts every site :func:`bayesianize` created at its pretrained value.
+
+    ``init_to_value(values=pretrained_values(net), fallback=fallback)``; sites without a kept value
+    (other ``PyroSample`` sites of the model) go to ``fallback``, by default the guide's own default
+    :func:`~pyro_ssvi.guide.init_to_normal` (means ``N(0, 0.01^2)``; Pyro's ``init_to_value``
+    default, ``init_to_uniform``, would draw weights uniformly in ``(-2, 2)``). The values are read
+    when this is called: call it after moving the model to its device::
+
+        model = BayesianClassifier(bayesianize(trained_net)).to(device)
+        guide = SparseSubspaceGuide(model, density=0.1, init_loc_fn=pretrained_init(model))
+    """
+    fallback = init_to_normal if fallback is None else fallback
+    if not callable(fallback):
+        raise ValueError(f"fallback: expected a callable init function site -> value, got {fallback!r}")
+    values = pretrained_values(net)
+    if not values:
+        raise ValueError("net: it holds no pretrained values (was it bayesianized with keep_values=False, or cleared?)")
+    return init_to_value(values=values, fallback=fallback)
+
+
+def clear_pretrained_values(net):
+    """Drop the values :func:`bayesianize` kept (e.g. once a guide has read them); returns how many."""
+    dropped = 0
+    for _, module, _, key in list(_pretrained_buffers(net)):
+        delattr(module, key)
+        dropped += 1
+    return dropped
 
 
 class BayesianClassifier(PyroModule):
@@ -242,30 +325,44 @@ def cifar_resnet18(num_classes=10, width=64, prior=None, num_data=None):
     return BayesianClassifier(net, num_data=num_data)
 
 
-@torch.no_grad()
+class _AtPosteriorMean(nn.Module):
+    """``model(x)`` with every latent site fixed at the guide's posterior mean (for ``update_bn``)."""
+
+    def __init__(self, model, guide):
+        super().__init__()
+        self.model = model
+        self._conditioned = pyro.poutine.block(pyro.poutine.condition(model, data=guide.median()))
+
+    def forward(self, x):
+        return self._conditioned(x)
+
+
 def recalibrate_batchnorm(model, guide, batches):
     """Recompute batch-norm running statistics at the guide's posterior mean.
 
     Running statistics accumulated during training mix many weight samples, and after a short
     run still carry their initial values (variance 1 decays only as ``0.9^steps``); a pass over
-    a few training batches in train mode, averaging with equal weights, fixes both. Returns the
-    number of batch-norm layers recalibrated. ``batches`` is an iterable of model inputs.
+    a few training batches in train mode, averaging with equal weights, fixes both. This is
+    PyTorch's ``torch.optim.swa_utils.update_bn`` (Izmailov et al., UAI 2018) run on the model with
+    its latent sites conditioned on ``guide.median()``. Returns the number of batch-norm layers
+    recalibrated. ``batches`` is an iterable of model inputs.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return 0
-    momenta = [m.momentum for m in layers]
-    was_training = model.training
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    conditioned = pyro.poutine.block(pyro.poutine.condition(model, data=guide.median()))
-    try:
-        for x in batches:
-            conditioned(x)
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        model.train(was_training)
+    if layers:
+        torch.optim.swa_utils.update_bn(batches, _AtPosteriorMean(model, guide))
     return len(layers)
+
+
+__all__ = [
+    "BasicBlock",
+    "BayesianClassifier",
+    "DevicePrior",
+    "ResNet18",
+    "bayesianize",
+    "cifar_resnet18",
+    "clear_pretrained_values",
+    "distribution_to",
+    "pretrained_init",
+    "pretrained_values",
+    "recalibrate_batchnorm",
+]

@@ -67,3 +67,8 @@ class SwapSchedule:
     def update_steps(self):
         """All steps at which an update happens, in order."""
         return list(range(self.update_every, self.end_step, self.update_every))
+
+
+__all__ = [
+    "SwapSchedule",
+]

@@ -86,3 +86,10 @@ def select_swap(index, removal_scores, n, numel, addition_scores, overwrite_scor
     positions = remove_pos[~readded]
     new_index = added[~torch.isin(added, removed)]
     return SwapDecision(positions, new_index, removed, added)
+
+
+__all__ = [
+    "SwapDecision",
+    "select_swap",
+    "top_n",
+]

@@ -31,7 +31,10 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from .criteria import RandomAddition, get_addition, get_removal, needs_gradient
-from .distributed import average_, broadcast_state, check_same_active_sets, is_distributed, shared_seed
+from .finite import NonFiniteLossError, gradient_max_abs, is_data_error
+from .distributed import (
+    average_, broadcast_state, check_same_active_sets, check_same_structure, describe_state, is_distributed, shared_seed,
+)
 from .guide import inverse_scale_transform, sparse_parts
 from .batched import BatchedLayersMessenger
 from .handlers import DataGradientMessenger, SubspacePriorMessenger
@@ -82,10 +85,6 @@ class _CallModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss of an SSVI step was NaN or infinite; no parameter was changed by that step."""
 
 
 class SSVI:
@@ -255,30 +254,20 @@ class SSVI:
                     loss = self.loss.loss_and_grads(model, self.guide, *args, **kwargs)
                 # in trace (name) order, so that every rank all-reduces the same tensors in the same order
                 params = list(dict.fromkeys(site["value"].unconstrained() for site in param_capture.trace.nodes.values()))
-                try:
-                    self._check_finite(loss, t)
-                except NonFiniteLossError:
-                    zero_grads(params)  # leave no stale gradient behind for a caller who goes on
-                    raise
-                if self.distributed:
-                    average_([p.grad for p in params if p.grad is not None], self.process_group)
+                self._checked_gradients(t, loss, params, average=self.distributed)
                 self.optim(params)
                 zero_grads(params)
-                self._after_optimizer_step()
             else:
                 self.optim.zero_grad()
                 if self._ddp is not None:  # through DDP's forward, so its reducer averages the gradients
                     loss_t = self._ddp_loss(model, *args, **kwargs)
                 else:
                     loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
-                loss = loss_t.detach().item()
                 loss_t.backward()
-                self._check_finite(loss, t)
-                if self.distributed and self._ddp is None:
-                    grads = [p.grad for g in self.optim.param_groups for p in g["params"] if p.grad is not None]
-                    average_(grads, self.process_group)
+                params = [p for g in self.optim.param_groups for p in g["params"]]
+                loss = self._checked_gradients(t, loss_t, params, average=self.distributed and self._ddp is None)
                 self.optim.step()
-                self._after_optimizer_step()
+            self._after_optimizer_step()
         if update:
             self._update(t, capture.grads() if capture is not None else {})
         for guide in self.sparse_guides:
@@ -310,7 +299,9 @@ class SSVI:
             elbo_module.model = original
 
     def _sync_initial_state(self):
-        """Distributed set-up: rank 0's guide and model state everywhere; random addition seeded alike."""
+        """Distributed set-up: the ranks' structures compared, then rank 0's guide and model state
+        everywhere; random addition seeded alike."""
+        check_same_structure(self._structure(), self.process_group)
         broadcast_state(self.guide, self.process_group)
         if isinstance(self.model, torch.nn.Module):
             broadcast_state(self.model, self.process_group)
@@ -322,6 +313,18 @@ class SSVI:
             generator.manual_seed(shared_seed(device, self.process_group))
             self.addition = RandomAddition(generator)
         self._synced = True
+
+    def _structure(self):
+        """What every rank must agree on before the first collective: each sparse site's shape and
+        active count, and the shape and dtype of every tensor of the guide's (and model's) state."""
+        out = {}
+        for guide, name in self._sparse_sites():
+            info = guide.site_info(name)
+            out[f"site {name!r}"] = f"{info.k} of {info.numel} entries active, shape {tuple(info.shape)}"
+        out.update(describe_state(self.guide, "guide tensor "))
+        if isinstance(self.model, torch.nn.Module):
+            out.update(describe_state(self.model, "model tensor "))
+        return out
 
     def _sparse_sites(self):
         """``(part, site name)`` for every sparse site of every sparse part."""
@@ -355,7 +358,9 @@ class SSVI:
         with torch.no_grad(), self._context():
             return float(self.loss.loss(self._model, self.guide, *args, **kwargs))
 
-    def _non_finite_sites(self):
+    def _non_finite_sites(self, params=()):
+        """Names of what is not finite: sparse sites' parameters and gradients, other guide parts'
+        parameters, and the gradients of ``params`` (the step's parameters) named where they can be."""
         bad = []
         for guide in self.sparse_guides:
             if not guide.is_setup:
@@ -370,32 +375,66 @@ class SSVI:
                     if torch.isfinite(guide.unconstrained_scale(name)).all() and not (guide.scale(name) > 0).all():
                         bad.append(f"{name} (scale underflowed to 0)")
         known = {id(p) for g in self.sparse_guides for p in g.parameters()}
+        names = self._parameter_names()
+        for p in params:
+            if id(p) not in known and p.grad is not None and not torch.isfinite(p.grad).all():
+                bad.append(f"{names.get(id(p), 'an unnamed parameter')} (gradient)")
+                known.add(id(p))
         other = [n for n, p in self.guide.named_parameters() if id(p) not in known and not torch.isfinite(p).all()]
         return bad + [f"{n} (other guide part)" for n in other]
 
-    def _fail(self, t, what, cause=None):
-        bad = self._non_finite_sites()
-        where = ", ".join(bad) if bad else "none (the model or data produced it: check them)"
-        raise NonFiniteLossError(
-            f"step {t}: {what}; sites with non-finite parameters or gradients: {where}. "
-            "Training stopped; lower the learning rate or check the model and data."
-        ) from cause
+    def _parameter_names(self):
+        """``{id(parameter): name}`` for the guide's, the model's and Pyro's param store's parameters."""
+        names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
+        if isinstance(self.model, torch.nn.Module):
+            names.update({id(p): f"model {n}" for n, p in self.model.named_parameters()})
+        names.update({id(p): f"guide {n}" for n, p in self.guide.named_parameters()})
+        return names
 
-    def _check_finite(self, loss, t):
-        if isinstance(self.loss, TraceTailAdaptive_ELBO):
-            # it computes only a surrogate and reports the loss as inf (as under pyro.infer.SVI)
-            if self._non_finite_sites():
-                self._fail(t, "a gradient is not finite")
-        elif not math.isfinite(loss):
-            self._fail(t, f"the loss is {loss}")
+    def _fail(self, t, what, cause=None, params=()):
+        bad = self._non_finite_sites(params)
+        if bad:
+            where = f"non-finite: {', '.join(bad)}. Training stopped; lower the learning rate or check the model and data"
+        else:
+            where = ("every guide parameter and gradient is finite, so the model or the data produced it: check "
+                     "the inputs and the model's computation. Training stopped")
+        raise NonFiniteLossError(f"step {t}: {what}; {where} (no parameter was changed by this step)") from cause
+
+    def _checked_gradients(self, t, loss, params, average):
+        """Average the gradients over ranks (when ``average``), then make sure that the loss and every
+        gradient are finite before the optimiser may use them (one fused reduction, one synchronisation).
+
+        Returns this rank's loss as a float. On a non-finite value the gradients are cleared and
+        :class:`NonFiniteLossError` names the step and the sites; the parameters are unchanged. Under
+        ``torch.distributed`` the check reads the averaged values, so every rank decides alike.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        check_loss = not isinstance(self.loss, TraceTailAdaptive_ELBO)  # it reports a surrogate's loss as inf
+        local = loss.detach().reshape(1) if torch.is_tensor(loss) else torch.tensor([float(loss)])
+        shared = local.to(grads[0], copy=True) if grads else local.clone()
+        if average:  # the loss travels in the gradients' bucket: no extra collective
+            average_(grads + [shared], self.process_group)
+        # one transfer: the gradients' largest magnitude, the (averaged) loss and this rank's loss
+        grad_max, shared_loss, value = torch.stack(
+            [gradient_max_abs(grads).to(local).reshape(()), shared.to(local).reshape(()), local.reshape(())]
+        ).tolist()
+        lost = check_loss and not math.isfinite(shared_loss)
+        if lost or not math.isfinite(grad_max):
+            try:
+                self._fail(t, f"the loss is {value}" if lost else "a gradient is not finite", params=params)
+            finally:
+                for p in params:
+                    p.grad = None
+        return value
 
     @contextlib.contextmanager
     def _guard(self, t):
-        """Turn Pyro's validation errors about non-finite values into a NonFiniteLossError."""
+        """Turn Pyro's validation errors about non-finite parameters into a :class:`NonFiniteLossError`;
+        data errors (an observed value outside its support) and every other error pass unchanged."""
         try:
             yield
         except ValueError as e:
-            if "invalid values" not in str(e):
+            if "invalid values" not in str(e) or is_data_error(e):
                 raise
             self._fail(t, "a distribution got non-finite values: " + str(e).splitlines()[0], e)
 
@@ -466,3 +505,11 @@ class SSVI:
         self.history = list(state["history"])
         if self._lrt is not None:
             self._lrt.eligible.update(state.get("lrt_eligible", {}))
+
+
+__all__ = [
+    "JIT_ELBOS",
+    "NonFiniteLossError",
+    "SSVI",
+    "check_loss",
+]

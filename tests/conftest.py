@@ -8,7 +8,13 @@ from pyro.nn import PyroModule, PyroSample
 
 
 def pytest_configure(config):
-    """``PYRO_SSVI_TEST_DEVICE=cuda pytest`` runs the suite with tensors created on that device by default."""
+    """``PYRO_SSVI_TEST_DEVICE=cuda pytest`` runs the suite with tensors created on that device by default.
+
+    Under pytest-xdist (the suite runs on 2 worker processes, see setup.cfg) each worker keeps to one
+    torch thread, so that the workers do not oversubscribe the cores.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
     device = os.environ.get("PYRO_SSVI_TEST_DEVICE")
     if device:
         torch.set_default_device(device)

@@ -36,3 +36,35 @@ def test_run_main_lets_bugs_through():
 
     with pytest.raises(ZeroDivisionError):
         run_main(main, [])
+
+
+def test_run_main_runtime_errors_exit_1(capsys):
+    def main(argv):
+        raise Oops("disk full")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [], runtime_errors=(Oops,))
+    assert e.value.code == 1 and capsys.readouterr().err == "error: disk full\n"
+
+
+def test_output_file_problems(tmp_path):
+    from pyro_ssvi.cli import output_file_problem
+
+    (tmp_path / "f").write_text("x")
+    assert output_file_problem(str(tmp_path / "new" / "r.json")) is None and (tmp_path / "new").is_dir()
+    assert "is a folder" in output_file_problem(str(tmp_path))
+    assert "is a file" in output_file_problem(str(tmp_path / "f" / "r.json"))
+    assert "is a file" in output_file_problem(str(tmp_path / "f" / "deeper" / "r.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "new"] and not list((tmp_path / "new").iterdir())
+
+
+def test_parser_refuses_unwritable_or_clashing_files(tmp_path, capsys):
+    p = ArgumentParser(prog="tool")
+    for check in (lambda: p.check_output_file("--out", str(tmp_path)),
+                  lambda: p.check_image_file("--plot", str(tmp_path / "x.xyz")),
+                  lambda: p.check_distinct_files([("--a", str(tmp_path / "x")), ("--b", None), ("--c", str(tmp_path / "." / "x"))])):
+        with pytest.raises(SystemExit) as e:
+            check()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("tool: error: --")
+    p.check_image_file("--plot", str(tmp_path / "x.PNG"))  # matplotlib's own file types, any case

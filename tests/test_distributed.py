@@ -54,7 +54,9 @@ def train(rank, world, case):
     x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
     shard = slice(rank * 64 // world, (rank + 1) * 64 // world)  # each rank its own share of the data
     model = Net()
-    guide = SparseSubspaceGuide(model, density=0.3)
+    guide = SparseSubspaceGuide(model, density=0.5 if case == "structure" and rank == 1 else 0.3)
+    if case == "nonfinite":
+        pyro.enable_validation(False)  # rank 1's NaN input then reaches the loss instead of Pyro's checks
     addition = "random" if case == "random" else "gradient"
     loss = pyro.infer.Trace_ELBO()
     if case == "torch_optim":
@@ -72,8 +74,9 @@ def train(rank, world, case):
         if case == "desync" and rank == 1 and step == 5:  # test-only: rank 1's active set drifts
             index = guide.active_index("fc2.weight")  # five entries, so that one update cannot undo the drift
             index[:5] = torch.tensor([i for i in range(48) if i not in set(index.tolist())][:5], dtype=index.dtype)
-        losses.append(svi.step(x[shard], y[shard]))
-    state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+        xs = x[shard] * float("nan") if case == "nonfinite" and rank == 1 and step == 4 else x[shard]
+        losses.append(svi.step(xs, y[shard]))
+    state = {k: v.detach().clone() for k, v in guide.state_dict().items() if torch.is_tensor(v)}
     return {"state": state, "history": svi.history, "losses": losses}
 
 
@@ -124,3 +127,19 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path):
         else:  # Adam moves a parameter by at most about lr (0.01) a step, however small its gradient:
             # float summation-order differences can flip a near-zero gradient's step, no more
             torch.testing.assert_close(results[0]["state"][key], value, rtol=0, atol=0.01)
+
+
+def test_ranks_with_different_guides_fail_at_the_first_step_naming_the_site(tmp_path):
+    results, errors = run(tmp_path, "structure")  # rank 1 built its guide with density 0.5, rank 0 with 0.3
+    assert set(errors) == {0, 1} and not results
+    for text in errors.values():
+        assert "StructureMismatchError" in text and "site 'fc1.weight'" in text
+        assert "38 of 128 entries active" in text and "64 of 128 entries active" in text and "ranks [0]" in text
+        assert "all_gather_object" not in text.splitlines()[-1]
+
+
+def test_a_non_finite_gradient_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    results, errors = run(tmp_path, "nonfinite")  # rank 1's loss is NaN at step 5; rank 0's is finite
+    assert set(errors) == {0, 1} and not results
+    for text in errors.values():
+        assert "NonFiniteLossError: step 5:" in text

@@ -153,3 +153,123 @@ def test_ood_report_has_mutual_information_only_with_several_draws():
     assert rep["entropy"]["auroc"] == pytest.approx(metrics.auroc(metrics.predictive_entropy(inside), metrics.predictive_entropy(outside)))
     assert rep["entropy"]["auroc"] > 0.9
     assert set(ood_report(inside[:1], outside[:1])) == {"entropy"}
+
+
+# temperature scaling --------------------------------------------------------------------------
+
+
+def _tempered_data(t0, n=20000, c=10, seed=0):
+    """Logits ``z = 3 * N(0, 1)`` in float64 and labels drawn from ``softmax(z / t0)``."""
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    z = 3.0 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    y = torch.multinomial((z / t0).softmax(-1), 1, generator=g).squeeze(-1)
+    return z, y
+
+
+def _scaled_nll(z, y, t):
+    return -(z / t).log_softmax(-1).gather(-1, y.unsqueeze(-1)).mean().item()
+
+
+def _asymptotic_se(z, t0):
+    """Standard error of the MLE of T: in beta = 1/T the Fisher information per example is
+    Var_{softmax(beta z)}(z) (the second derivative of the NLL), so se(beta) = 1/sqrt(N E[Var]),
+    and by the delta method se(T) = T^2 se(beta)."""
+    p = (z / t0).softmax(-1)
+    var = (p * z**2).sum(-1) - (p * z).sum(-1) ** 2
+    return t0**2 / math.sqrt(len(z) * var.mean().item())
+
+
+@pytest.mark.parametrize("t0", [0.5, 1.0, 2.0])
+def test_fit_temperature_recovers_a_known_temperature(t0):
+    z, y = _tempered_data(t0)
+    t = metrics.fit_temperature(z, y)
+    se = _asymptotic_se(z, t0)
+    # N = 20000, C = 10: se is 0.25% of T0 at 0.5, 0.75% at 1 and 2, so 4 se (a 6e-5 two-sided
+    # tail under the model) keeps the check tight, within 3% of T0, yet not seed-sensitive
+    assert abs(t - t0) < 4 * se and abs(t - t0) < 0.05 * t0
+    # the fit is the MLE: its NLL is no larger than at the true temperature or at T = 1
+    assert _scaled_nll(z, y, t) <= _scaled_nll(z, y, t0) + 1e-12
+    assert _scaled_nll(z, y, t) <= _scaled_nll(z, y, 1.0) + 1e-12
+    # probabilities give the same fit: log softmax(z) differs from z by a constant per row
+    probs = z.softmax(-1)
+    assert metrics.fit_temperature(probs, y) == pytest.approx(t, rel=1e-6)
+    assert metrics.fit_temperature(probs.float(), y, from_probs=True) == pytest.approx(t, rel=1e-4)
+    torch.testing.assert_close(metrics.apply_temperature(probs, t), (z / t).softmax(-1))
+
+
+def test_fit_temperature_on_an_mc_predictive_lowers_the_nll():
+    # S = 8 draws of overconfident logits around a shared signal: the averaged predictive is the input
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
+    base = 2.0 * torch.randn(5000, 5, generator=g, dtype=torch.float64)
+    y = torch.multinomial(base.softmax(-1), 1, generator=g).squeeze(-1)
+    draws = 3.0 * (base + 0.5 * torch.randn(8, 5000, 5, generator=g, dtype=torch.float64))
+    probs = draws.softmax(-1).mean(0)
+    t = metrics.fit_temperature(probs, y)
+    calibrated = metrics.apply_temperature(probs, t)
+    assert t > 1.5  # the draws were sharpened about 3x
+    assert metrics.nll(calibrated, y) < metrics.nll(probs, y) - 0.05
+    assert metrics.ece(calibrated, y) < metrics.ece(probs, y)
+    assert torch.equal(calibrated.argmax(-1), probs.argmax(-1))  # the ranking of classes is kept
+    torch.testing.assert_close(calibrated.sum(-1), torch.ones(5000, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fitted_nll_never_exceeds_the_nll_at_one(seed):
+    # small, noisy and degenerate cases: random logits and labels, perfectly separable data (T -> 0)
+    # and labels opposite to the prediction (T -> infinity)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    n, c = [(5, 2), (30, 3), (200, 10), (1, 4), (50, 2), (50, 2)][seed]
+    z = torch.randn(n, c, generator=g) * (seed + 1)
+    y = torch.randint(0, c, (n,), generator=g)
+    if seed == 4:
+        y = z.argmax(-1)
+    if seed == 5:
+        y = z.argmin(-1)
+    t = metrics.fit_temperature(z, y)
+    assert t > 0 and math.isfinite(t)
+    assert _scaled_nll(z.double(), y, t) <= _scaled_nll(z.double(), y, 1.0) + 1e-12
+    if seed == 4:
+        assert t < 1
+    if seed == 5:
+        assert t > 1
+
+
+def test_apply_temperature_by_hand():
+    z = torch.tensor([[2.0, 0.0, -1.0]])
+    out = metrics.apply_temperature(z, 2.0)
+    e = torch.exp(torch.tensor([1.0, 0.0, -0.5]))
+    torch.testing.assert_close(out, (e / e.sum())[None])
+    assert out.dtype == torch.float32
+    p = torch.tensor([[0.5, 0.25, 0.25]])
+    q = torch.tensor([0.5, 0.25, 0.25]) ** 0.5
+    torch.testing.assert_close(metrics.apply_temperature(p, 2.0), (q / q.sum())[None])
+    torch.testing.assert_close(metrics.apply_temperature(p, 1.0), p)
+    # a row that sums to 1 is read as logits when told so
+    torch.testing.assert_close(metrics.apply_temperature(p, 1.0, from_probs=False), p.softmax(-1))
+    torch.testing.assert_close(metrics.apply_temperature(p, torch.tensor(1.0)), p)
+
+
+@pytest.mark.parametrize(
+    "call, arg",
+    [
+        (lambda: metrics.fit_temperature(torch.randn(5), torch.zeros(5, dtype=torch.long)), "logits_or_probs"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 1), torch.zeros(5, dtype=torch.long)), "logits_or_probs"),
+        (lambda: metrics.fit_temperature(torch.ones(5, 3, dtype=torch.long), torch.zeros(5, dtype=torch.long)), "logits_or_probs"),
+        (lambda: metrics.fit_temperature(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, dtype=torch.long)), "logits_or_probs"),
+        (lambda: metrics.fit_temperature(torch.tensor([[0.0, -float("inf")]]), torch.zeros(1, dtype=torch.long), from_probs=False), "logits_or_probs"),
+        (lambda: metrics.fit_temperature(torch.tensor([[0.7, 0.7]]), torch.zeros(1, dtype=torch.long), from_probs=True), "from_probs=True"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 3), torch.zeros(4, dtype=torch.long)), "labels"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 3), torch.zeros(5)), "labels"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 3), torch.full((5,), 3)), "labels"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 3), torch.full((5,), -1)), "labels"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), from_probs="yes"), "from_probs"),
+        (lambda: metrics.fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), max_iter=0), "max_iter"),
+        (lambda: metrics.apply_temperature(torch.randn(5, 3), 0.0), "T"),
+        (lambda: metrics.apply_temperature(torch.randn(5, 3), float("inf")), "T"),
+        (lambda: metrics.apply_temperature(torch.randn(5, 3), "2"), "T"),
+        (lambda: metrics.apply_temperature(torch.randn(3, 5, 3), 2.0), "logits_or_probs"),
+    ],
+)
+def test_temperature_scaling_refuses_bad_inputs(call, arg):
+    with pytest.raises(ValueError, match=arg):
+        call()

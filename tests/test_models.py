@@ -195,3 +195,124 @@ def test_priors_follow_the_model_to_its_device_and_dtype():
     net = BayesianClassifier(bayesianize(torch.nn.Linear(3, 2), prior)).to(torch.float64)
     tr = pyro.poutine.trace(net).get_trace(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
     assert tr.nodes["net.weight"]["value"].dtype == torch.float64
+
+
+# pretrained values ------------------------------------------------------------------------------
+
+
+def _latent_sites(model, *args):
+    tr = pyro.poutine.trace(model).get_trace(*args)
+    return [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+
+
+@pytest.fixture
+def pretrained_resnet():
+    """A torchvision ResNet-18 (random init: the point is the values), bayesianized, with a copy of its weights."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    net = resnet18(weights=None, num_classes=10)
+    original = {k: v.detach().clone() for k, v in net.named_parameters()}
+    return bayesianize(net), original
+
+
+def test_pretrained_values_are_the_replaced_weights(pretrained_resnet):
+    import copy
+
+    from pyro_ssvi import pretrained_values
+
+    net, original = pretrained_resnet
+    values = pretrained_values(net)
+    assert list(values) == list(net.bayesian_sites) and len(values) == 21  # 20 convolutions and fc
+    for name, value in values.items():
+        assert torch.equal(value, original[name]) and value.dtype == original[name].dtype  # bit for bit
+        assert not value.requires_grad
+    assert not any("pretrained" in k for k in net.state_dict())  # checkpoints are not doubled
+    assert not any("pretrained" in k for k, _ in net.named_parameters())  # no optimiser sees them
+    x = torch.randn(2, 3, 32, 32)
+    assert _latent_sites(copy.deepcopy(net), x) == list(values)  # the names are the sample sites'
+    model = BayesianClassifier(net)
+    prefixed = pretrained_values(model)
+    assert list(prefixed) == [f"net.{n}" for n in values]
+    assert all(prefixed[f"net.{n}"] is values[n] for n in values)  # the same stored tensors
+    assert _latent_sites(model, x, torch.zeros(2, dtype=torch.long)) == list(prefixed)
+    # a submodule reports its sites by its own paths (pass the model the guide traces)
+    assert list(pretrained_values(model.net.layer1)) == [n[len("net.layer1."):] for n in prefixed if n.startswith("net.layer1.")]
+
+
+def test_guide_starts_at_the_pretrained_weights(pretrained_resnet):
+    from pyro.infer.autoguide.initialization import init_to_value
+
+    from pyro_ssvi import pretrained_init, pretrained_values
+
+    net, original = pretrained_resnet
+    model = BayesianClassifier(net)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    for init in (init_to_value(values=pretrained_values(model)), pretrained_init(model)):
+        pyro.clear_param_store()
+        guide = SparseSubspaceGuide(model, density=1.0, init_loc_fn=init)
+        guide(x, y)
+        median = guide.median()
+        assert set(median) == {f"net.{n}" for n in net.bayesian_sites}
+        for name, value in median.items():
+            assert torch.equal(value, original[name[len("net.") :]])
+
+
+def test_pretrained_values_follow_dtype_device_copies_and_pickles():
+    import copy
+    import pickle
+
+    from pyro_ssvi import pretrained_values
+
+    torch.manual_seed(0)
+    plain = small_net()
+    w0, w4 = plain[0].weight.detach().clone(), plain[4].weight.detach().clone()
+    model = BayesianClassifier(bayesianize(plain))
+    model.to(torch.float64)
+    values = pretrained_values(model)
+    assert all(v.dtype == torch.float64 for v in values.values())
+    assert torch.equal(values["net.0.weight"], w0.double()) and torch.equal(values["net.4.weight"], w4.double())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        got = pretrained_values(clone)
+        assert list(got) == ["net.0.weight", "net.4.weight"]
+        assert all(torch.equal(got[k], values[k]) and got[k].data_ptr() != values[k].data_ptr() for k in got)
+        out = clone(torch.randn(2, 3, 8, 8, dtype=torch.float64))  # still a working model
+        assert out.shape == (2, 5)
+    meta = copy.deepcopy(model).to("meta")
+    assert all(v.device.type == "meta" for v in pretrained_values(meta).values())
+
+
+def test_pretrained_values_are_a_copy_and_can_be_dropped():
+    from pyro_ssvi import clear_pretrained_values, pretrained_init, pretrained_values
+
+    plain = nn.Linear(3, 2)
+    param = plain.weight
+    original = param.detach().clone()
+    net = bayesianize(plain)
+    with torch.no_grad():
+        param.add_(1.0)  # the old Parameter, still held by the caller, changes; the kept value does not
+    assert torch.equal(pretrained_values(net)["weight"], original)
+    assert clear_pretrained_values(net) == 1 and pretrained_values(net) == {}
+    assert not hasattr(net, "_pretrained_weight")
+    with pytest.raises(ValueError, match="net"):
+        pretrained_init(net)
+    assert pretrained_values(bayesianize(nn.Linear(3, 2), keep_values=False)) == {}
+    with pytest.raises(ValueError, match="net"):
+        pretrained_values("not a module")
+    with pytest.raises(ValueError, match="fallback"):
+        pretrained_init(bayesianize(nn.Linear(3, 2)), fallback=1.0)
+
+
+def test_pretrained_init_falls_back_for_other_sites():
+    from pyro.nn import PyroSample
+
+    from pyro_ssvi import pretrained_init
+
+    net = bayesianize(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), include=["0.weight"])
+    net[1].weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, 4]).to_event(2))  # a site bayesianize did not make
+    model = BayesianClassifier(net)
+    guide = SparseSubspaceGuide(model, density=1.0, init_loc_fn=pretrained_init(model))
+    guide(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    median = guide.median()
+    assert torch.equal(median["net.0.weight"], net[0]._pretrained_weight)
+    assert median["net.1.weight"].abs().max() < 0.1  # init_to_normal: N(0, 0.01^2)

@@ -138,3 +138,16 @@ def test_readme_horseshoe_keeps_the_support_and_beats_a_fixed_prior(capsys):
         svi.step(ns["x_train"], ns["y_train"])
     rmse_fixed = float((ns["x_test"] @ guide.median()["w"] - ns["y_test"]).pow(2).mean().sqrt())
     assert rmse_horseshoe <= rmse_fixed, (rmse_horseshoe, rmse_fixed)
+
+
+def test_readme_pretrained_start_fine_tunes_from_the_largest_weights(capsys):
+    """The README's "From a pretrained network" block, with fewer steps: the fine-tuned posterior starts on the
+    trained network's largest weights and beats SSVI from scratch at equal steps."""
+    code = readme_block("init_subspace=\"magnitude\"")
+    assert "steps=300" in code
+    ns = {}
+    exec(compile(code.replace("steps=300", "steps=60"), "README.md", "exec"), ns)
+    results = ns["results"]
+    assert results["SSVI fine-tuned"]["accuracy"] > results["SSVI from scratch"]["accuracy"]
+    assert 0 < ns["T"] < 10 and any(name.startswith("SSVI fine-tuned, T=") for name in results)
+    assert "SSVI fine-tuned" in capsys.readouterr().out
