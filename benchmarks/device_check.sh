@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# The GPU check, as one prepared run: the CIFAR example's synthetic run at width 64, the cost
-# benchmark and the sparse-kernel table on CUDA, and the test suite with tensors on CUDA by default.
+# The GPU check, as prepared runs that each fit in one 10-minute device call.
 #
-#     bash benchmarks/device_check.sh OUTDIR        # from the repository root; pyro_ssvi importable
+#     bash benchmarks/device_check.sh OUTDIR          # from the repository root; pyro_ssvi importable
+#     bash benchmarks/device_check.sh OUTDIR real     # the real-CIFAR-10 comparison alone
 #
-# Writes OUTDIR/run.log (versions, GPU, the example's and the benchmarks' output),
-# OUTDIR/cifar_w64.json, OUTDIR/cost.{md,json,png}, OUTDIR/sparse_kernels.{md,json,png} and
-# OUTDIR/suite.log. Each part has its own time limit (seconds: CIFAR_LIMIT, COST_LIMIT,
-# KERNELS_LIMIT, SUITE_LIMIT) so one slow part cannot starve the rest.
+# Default part ("all"): the CIFAR example's synthetic run at width 64, the cost benchmark and the
+# sparse-kernel table on CUDA, and the test suite with tensors on CUDA by default. Writes
+# OUTDIR/run.log (versions, GPU, the example's and the benchmarks' output), OUTDIR/cifar_w64.json,
+# OUTDIR/cost.{md,json,png}, OUTDIR/sparse_kernels.{md,json,png} and OUTDIR/suite.log. Each part
+# has its own time limit (seconds) so one slow part cannot starve the rest:
+#     CIFAR_LIMIT 100 + COST_LIMIT 150 + KERNELS_LIMIT 60 + SUITE_LIMIT 270 = 580 s at most.
+#
+# "real": SSVI 0.1 and dense VI on the real CIFAR-10 images (the JPEG copy in
+# ../shared/data/cifar10/cifar10-jpeg.tar.gz, unpacked into $TMPDIR, decode cache in $TMPDIR too),
+# ResNet-18 width 64, batch 128, REAL_EPOCHS (default 4) epochs each: about 31 s per epoch of 391
+# steps on an H200 (2.5 s per 32 steps in the synthetic run), so 4 epochs and the test evaluation
+# (10 MC samples) take about 150 s per method; then each checkpoint is scored under two corruptions
+# (gaussian_noise, contrast) at severities 1-5 with 4 MC samples (--eval-only --shift). Writes
+# OUTDIR/real/{ssvi0.1,dense}.json (training and test metrics), OUTDIR/real/{ssvi0.1,dense}-shift.json,
+# the checkpoints' logs, and a summary table in OUTDIR/run.log. Limits (seconds):
+#     UNPACK_LIMIT 60 + 2 x REAL_TRAIN_LIMIT 170 + 2 x REAL_SHIFT_LIMIT 90 = 580 s at most.
 set -u
-out=${1:?usage: device_check.sh OUTDIR}
+out=${1:?usage: device_check.sh OUTDIR [all|real]}
+part=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
@@ -17,6 +30,56 @@ log="$out/run.log"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, pyro; print('torch', torch.__version__, 'pyro', pyro.__version__, torch.cuda.get_device_name(0))"
 } >"$log" 2>&1
+
+if [ "$part" = real ]; then
+    tmp=${TMPDIR:-/tmp}
+    data="$tmp/cifar10-jpeg"
+    echo "== unpacking the CIFAR-10 JPEG copy into $data" >>"$log"
+    start=$(date +%s)
+    mkdir -p "$data"
+    [ -d "$data/train" ] || timeout "${UNPACK_LIMIT:-60}" tar -xzf ../shared/data/cifar10/cifar10-jpeg.tar.gz -C "$data" >>"$log" 2>&1
+    # the archive may hold a top folder: use the one with train/ and test/
+    [ -d "$data/train" ] || data=$(dirname "$(find "$data" -maxdepth 3 -type d -name train | head -1)")
+    echo "unpack wall $(($(date +%s) - start)) s, data $data" >>"$log"
+    export XDG_CACHE_HOME="$tmp/cache"
+    mkdir -p "$out/real"
+    for method in ssvi0.1 dense; do
+        density=$([ "$method" = dense ] && echo 1.0 || echo 0.1)
+        echo "== cifar_resnet.py --dataset folder, $method, width 64, ${REAL_EPOCHS:-4} epochs" >>"$log"
+        start=$(date +%s)
+        timeout "${REAL_TRAIN_LIMIT:-170}" python3 examples/cifar_resnet.py --dataset folder --data-dir "$data" --density "$density" \
+            --width 64 --epochs "${REAL_EPOCHS:-4}" --batch-size 128 --mc-samples 10 --device cuda --no-progress \
+            --checkpoint "$out/real/$method.pt" --overwrite --out "$out/real/$method.json" >>"$log" 2>&1
+        echo "$method training rc=$? wall $(($(date +%s) - start)) s" >>"$log"
+        start=$(date +%s)
+        timeout "${REAL_SHIFT_LIMIT:-90}" python3 examples/cifar_resnet.py --dataset folder --data-dir "$data" --density "$density" \
+            --width 64 --epochs "${REAL_EPOCHS:-4}" --batch-size 128 --mc-samples 4 --device cuda --no-progress \
+            --checkpoint "$out/real/$method.pt" --eval-only --shift gaussian_noise,contrast --out "$out/real/$method-shift.json" >>"$log" 2>&1
+        echo "$method shift rc=$? wall $(($(date +%s) - start)) s" >>"$log"
+        rm -f "$out/real/$method.pt"  # 90+ MB each: keep the results, not the weights
+    done
+    python3 - "$out/real" >>"$log" 2>&1 <<'PY'
+import json, os, sys
+folder = sys.argv[1]
+print("| method | epochs | train s | acc (MC) | NLL | ECE | active | shift acc s3 | shift ECE s3 | shift acc s5 | shift ECE s5 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for m in ("ssvi0.1", "dense"):
+    try:
+        r = json.load(open(os.path.join(folder, m + ".json")))
+    except OSError:
+        print(f"| {m} | not finished |"); continue
+    try:
+        s = json.load(open(os.path.join(folder, m + "-shift.json")))["shift"]["mc"]["mean"]
+        sh = [f"{s[k]['accuracy']:.4f} | {s[k]['ece']:.4f}" for k in ("3", "5")]
+    except (OSError, KeyError):
+        sh = ["- | -", "- | -"]
+    print(f"| {m} | {r['epochs']} | {r['seconds']:.0f} | {r['test_accuracy']['mc']:.4f} | {r['test_nll']['mc']:.4f} | "
+          f"{r['test_ece']['mc']:.4f} | {r['active_params']}/{r['dense_params']} | {sh[0]} | {sh[1]} |")
+PY
+    cat "$log"
+    exit 0
+fi
+
 
 echo "== cifar_resnet.py, synthetic, width 64" >>"$log"
 start=$(date +%s)

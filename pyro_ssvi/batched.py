@@ -234,10 +234,60 @@ class BatchedLayersMessenger(ReentrantMessenger):
                 mode.__exit__(*exc)
 
 
+#: tensor methods that only reshape or copy a sample: a :class:`BatchedSample` stays one through them
+#: (Pyro's ``Predictive`` reshapes the guide's draws before it conditions the model on them)
+_KEEPS_BATCHED = frozenset({
+    torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.expand, torch.Tensor.__getitem__,
+    torch.Tensor.contiguous, torch.Tensor.clone, torch.Tensor.detach, torch.Tensor.to, torch.reshape,
+})
+
+
+def _plain(obj):
+    return obj.as_subclass(torch.Tensor) if isinstance(obj, BatchedSample) else obj
+
+
+class BatchedSample(torch.Tensor):
+    r"""A weight sample with leading batch dims (particles, a parallel ``Predictive``'s draws) that
+    applies itself per batch element in ``F.linear`` and ``F.conv1d/2d/3d``.
+
+    A :class:`~pyro_ssvi.SparseNormal` with a batch shape draws its samples as this type, so
+    ``Predictive(model, guide=guide, parallel=True)`` works on a plain model, without
+    :func:`batched_layers`: ``F.linear(x, w)`` with ``w`` of shape ``(S, 1, out, in)`` is
+    :func:`batched_linear`, a convolution :func:`batched_conv`, with Pyro's plate dims aligned as
+    :class:`BatchedLayersMessenger` does. Reshapes and copies keep the type; every other operation
+    returns a plain tensor. Only this guide's sites are covered (an ``AutoNormal`` part of a guide
+    list still needs :func:`batched_layers`), and normalisation layers cannot take the extra dim
+    (PyTorch's own error then; use ``parallel=False``).
+
+        >>> w = torch.randn(4, 1, 2, 3).as_subclass(BatchedSample)   # 4 draws of a (2, 3) weight
+        >>> F.linear(torch.randn(5, 3), w).shape
+        torch.Size([4, 5, 2])
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func in CONV_SPATIAL_DIMS:
+            names = ("input", "weight", "bias") if func is F.linear else CONV_ARGS
+            call = {k: _plain(v) for k, v in dict(zip(names, args), **kwargs).items()}
+            core = 2 if func is F.linear else CONV_SPATIAL_DIMS[func] + 2
+            if isinstance(dict(zip(names, args), **kwargs).get("weight"), BatchedSample) and call["weight"].dim() > core:
+                call["weight"], call["bias"] = _align(call["weight"], core), _align(call.get("bias"), 1)
+                if func is F.linear:
+                    return batched_linear(call["input"], call["weight"], call["bias"])
+                return batched_conv(func, **call)
+            args, kwargs = (), call
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func in _KEEPS_BATCHED and type(out) is torch.Tensor:
+            out = out.as_subclass(cls)
+        return out
+
+
 def batched_layers(fn=None, module=None):
     """Functional form of :class:`BatchedLayersMessenger`: ``batched_layers(model)``."""
     msngr = BatchedLayersMessenger(module if module is not None else fn)
     return msngr(fn) if fn is not None else msngr
 
 
-__all__ = ["BatchedLayersMessenger", "batched_conv", "batched_layers", "batched_linear", "fold_leading"]
+__all__ = ["BatchedLayersMessenger", "BatchedSample", "batched_conv", "batched_layers", "batched_linear", "fold_leading"]

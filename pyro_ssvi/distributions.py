@@ -27,6 +27,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Cauchy, Independent, Laplace, Normal, StudentT, kl_divergence, register_kl
 
+from .batched import BatchedSample
 from .kernels import SparseWeight
 
 _HALF_LOG_2PI_E = 0.5 + 0.5 * math.log(2 * math.pi)
@@ -191,7 +192,9 @@ class SparseNormal(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)[: -len(self.site_shape) or None] + (self.num_active,)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.embed(torch.addcmul(self.loc, self.scale, eps))
+        value = self.embed(torch.addcmul(self.loc, self.scale, eps))
+        # draws with batch dims (a parallel Predictive, vectorised particles) apply themselves per draw
+        return value.as_subclass(BatchedSample) if value.dim() > len(self.site_shape) else value
 
     def log_prob(self, value):
         active = self.gather(value)

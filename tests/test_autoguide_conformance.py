@@ -61,8 +61,13 @@ def test_median_and_quantiles_have_the_sites_shapes_in_order(density):
 def test_predictive_draws_every_site(density, parallel):
     model, guide = built(density)
     x, _ = data(7)
-    run = batched_layers(model) if parallel else model  # vectorised draws need batched layers (see README)
-    samples = Predictive(run, guide=guide, num_samples=11, parallel=parallel, return_sites=("fc1.weight", "obs", "_RETURN"))(x)
+    sites = ("fc1.weight", "obs", "_RETURN")
+    pyro.set_rng_seed(1)
+    samples = Predictive(model, guide=guide, num_samples=11, parallel=parallel, return_sites=sites)(x)
+    if parallel:  # the plain model gives the draws of the model wrapped in batched layers
+        pyro.set_rng_seed(1)
+        wrapped = Predictive(batched_layers(model), guide=guide, num_samples=11, parallel=True, return_sites=sites)(x)
+        assert all(torch.equal(samples[k], wrapped[k]) for k in sites)
     assert samples["obs"].shape == (11, 7) and samples["_RETURN"].shape == (11, 7, 3)
     assert samples["fc1.weight"].reshape(11, 4, 6).shape == (11, 4, 6)
     k = guide.site_info("fc1.weight").k
@@ -190,3 +195,31 @@ def test_the_sphere_advice_works():
     reparam = pyro.poutine.reparam(model, config={"z": ProjectedNormalReparam()})
     guide = SparseSubspaceGuide(reparam, density=1.0)
     assert torch.isfinite(Trace_ELBO().differentiable_loss(reparam, guide))
+
+
+def test_plain_parallel_predictive_on_a_convolutional_network():
+    import torch.nn.functional as F
+    from pyro.nn import PyroModule, PyroSample
+
+    class CNN(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = PyroModule[torch.nn.Conv2d](1, 3, 3, padding=1)
+            self.conv.weight = PyroSample(dist.Normal(0.0, 1.0).expand([3, 1, 3, 3]).to_event(4))
+            self.fc = PyroModule[torch.nn.Linear](3 * 4 * 4, 2)
+            self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, 48]).to_event(2))
+
+        def forward(self, x, y=None):
+            logits = self.fc(F.relu(self.conv(x)).flatten(-3))
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+    model = CNN()
+    guide = SparseSubspaceGuide(model, density=0.5)
+    x = torch.randn(5, 1, 4, 4)
+    guide(x, torch.zeros(5, dtype=torch.long))
+    pyro.set_rng_seed(2)
+    plain = Predictive(model, guide=guide, num_samples=6, parallel=True)(x)["obs"]
+    pyro.set_rng_seed(2)
+    wrapped = Predictive(batched_layers(model), guide=guide, num_samples=6, parallel=True)(x)["obs"]
+    assert plain.shape == (6, 5) and torch.equal(plain, wrapped)

@@ -121,6 +121,16 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch
         cifar.main(args + ["--checkpoint", str(tmp_path / "b.pt")])
     monkeypatch.setattr(cifar, "save_atomic", real_save)
     assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 0
+    # the kernel choices are saved in the guide's state (_extra_state): a resumed process that would
+    # measure the opposite must still take the saved ones, and end as the uninterrupted run
+    import pyro_ssvi.kernels as kernels
+
+    real_measure = kernels.measure
+
+    def opposite(*a, **k):
+        return {"sparse": not real_measure(*a, **k)["sparse"], "dense_s": 1.0, "sparse_s": 1.0}
+
+    monkeypatch.setattr(kernels, "measure", opposite)
     resumed = cifar.main(args + ["--checkpoint", str(tmp_path / "b.pt"), "--resume"])
     for key in ("test_accuracy", "test_nll", "test_ece", "test_brier", "updates", "active_params"):
         assert resumed[key] == full[key], key
@@ -137,7 +147,7 @@ def test_checkpoint_is_written_atomically(tmp_path, cifar, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(cifar.torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(cifar.WriteError, match="disk full"):
         cifar.save_atomic({"a": 2}, str(path))
     assert torch.load(path) == {"a": 1}  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
@@ -295,3 +305,14 @@ def test_help_shows_every_flag_with_a_default(cifar):
     assert text.count("(default:") == len(options)
     for shown in ("(default: 200)", "(default: snr_abs)", "(default: 0.1)", "(default: 0.0)"):
         assert shown in text
+
+
+def test_val_fraction_is_checked_against_the_loaded_images_before_the_model(tmp_path, cifar, no_md5, monkeypatch):
+    write_cifar(tmp_path, "cifar10")  # 120 training images: 0.996 of them is all 120 (50000 would leave 200)
+
+    def built(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(cifar, "cifar_resnet18", built)
+    with pytest.raises(cifar.UsageError, match="--val-fraction 0.996: leaves no training image of the 120"):
+        cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--val-fraction", "0.996"] + SMALL)

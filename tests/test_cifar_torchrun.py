@@ -54,3 +54,12 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, se
     result = json.loads(out.read_text())
     assert result["processes"] == second and result["epochs"] == 2 and len(result["epoch_log"]) == 2
     assert result["updates"] == updates_expected(2)  # the schedule does not depend on the number of processes
+
+
+def test_the_deterministic_baseline_and_the_shift_under_two_processes(tmp_path):
+    out = tmp_path / "d.json"
+    launch(2, "--deterministic", "--epochs", "1", "--shift", "contrast", "--out", str(out), port=29641)
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2 and result["method"] == "deterministic" and list(result["test_accuracy"]) == ["network"]
+    assert result["epoch_log"][0]["train_loss"] > 0 and result["updates"] == 0
+    assert set(result["shift"]["network"]["by_corruption"]["contrast"]) == {"1", "2", "3", "4", "5"}
