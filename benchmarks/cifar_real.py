@@ -1,4 +1,5 @@
-"""The CIFAR example on the real CIFAR-10 images (a JPEG copy): deterministic, dense VI, SSVI 0.1 and 0.05.
+"""The CIFAR example on the real CIFAR-10 images (a JPEG copy): deterministic, dense VI, SSVI 0.1 and 0.05, and SSVI 0.1
+fine-tuned from the deterministic network.
 
     mkdir -p ~/.cache/cifar10-jpeg
     tar -xzf ../shared/data/cifar10/cifar10-jpeg.tar.gz -C ~/.cache/cifar10-jpeg   # outside the repository
@@ -13,7 +14,10 @@ first half, cosine learning rate over the run's epochs) at ``--width`` and ``--e
 ``--dataset folder --data-dir DIR --shift all --mc-samples 10``, writing its JSON and its
 checkpoint under ``--runs-dir``. Methods and default seeds: deterministic (``--deterministic``,
 1 seed), dense VI (``--density 1.0``, 2 seeds), SSVI 0.1 (2 seeds) and SSVI 0.05 (1 seed);
-``--seeds N`` gives every method N seeds. A run whose JSON exists is reused; one with a
+``--seeds N`` gives every method N seeds; SSVI 0.1 fine-tuned (``--init-from`` the deterministic run of
+its seed: the magnitude subspace at the trained weights) for ``--finetune-epochs``, after the others,
+its minutes counting the deterministic run's too, so that it is compared with SSVI from scratch at
+equal total training time. A run whose JSON exists is reused; one with a
 checkpoint but no JSON (stopped by ``--stop-after`` or killed) is continued with ``--resume``
 and refused without it, so nothing is silently overwritten.
 
@@ -51,7 +55,12 @@ METHODS = {
     "dense": ("dense VI", ["--density", "1.0"], 2),
     "ssvi0.1": ("SSVI 0.1", ["--density", "0.1"], 2),
     "ssvi0.05": ("SSVI 0.05", ["--density", "0.05"], 1),
+    # started from the deterministic run of the same seed (--init-from: the magnitude subspace at the trained
+    # weights), trained for --finetune-epochs; its minutes in the table include the deterministic run's
+    "ssvi0.1-ft": ("SSVI 0.1 fine-tuned from deterministic", ["--density", "0.1"], 1),
 }
+#: methods that start from another method's checkpoint of the same seed
+STARTS_FROM = {"ssvi0.1-ft": "deterministic"}
 SEVERITIES = ("1", "2", "3", "4", "5")
 TEST_METRICS = ("accuracy", "nll", "ece", "brier", "aurc")
 
@@ -78,18 +87,30 @@ def plan(args):
     # seed 0 of every method first: a partial benchmark already compares all methods
     for seed, key in [(s, k) for s in range(max(seeds.values())) for k in args.methods if s < seeds[k]]:
         label = METHODS[key][0]
-        tag = f"{key}-w{args.width}-e{args.epochs}-s{seed}-{data_key}"
+        epochs = args.finetune_epochs if key in STARTS_FROM else args.epochs
+        tag = f"{key}-w{args.width}-e{epochs}-s{seed}-{data_key}"
         runs.append({"method": label, "key": key, "seed": seed, "tag": tag,
                      "out": os.path.join(args.runs_dir, f"{tag}.json"), "checkpoint": os.path.join(args.runs_dir, f"{tag}.pt")})
+    for run in runs:  # a fine-tuned run starts from the deterministic run of its seed (planned above it)
+        if run["key"] in STARTS_FROM:
+            base = next((r for r in runs if r["key"] == STARTS_FROM[run["key"]] and r["seed"] == run["seed"]), None)
+            if base is None:
+                tag = f"{STARTS_FROM[run['key']]}-w{args.width}-e{args.epochs}-s{run['seed']}-{data_key}"
+                base = {"key": STARTS_FROM[run["key"]], "seed": run["seed"], "tag": tag,
+                        "out": os.path.join(args.runs_dir, f"{tag}.json"), "checkpoint": os.path.join(args.runs_dir, f"{tag}.pt")}
+            run["starts_from"] = base
     return runs
 
 
 def command(run, args):
     """The example's command line of one run (``--resume`` when its checkpoint exists and ``--resume`` was asked)."""
     cmd = [sys.executable, str(SCRIPT), "--dataset", "folder", "--data-dir", os.path.abspath(os.path.expanduser(args.data_dir)),
-           *METHODS[run["key"]][1], "--width", str(args.width), "--epochs", str(args.epochs), "--seed", str(run["seed"]),
+           *METHODS[run["key"]][1], "--width", str(args.width),
+           "--epochs", str(args.finetune_epochs if "starts_from" in run else args.epochs), "--seed", str(run["seed"]),
            "--shift", "all", "--mc-samples", "10", "--device", args.device, "--no-progress",
            "--out", run["out"], "--checkpoint", run["checkpoint"]]
+    if "starts_from" in run:
+        cmd += ["--init-from", run["starts_from"]["checkpoint"]]
     if args.resume and os.path.exists(run["checkpoint"]):
         cmd.append("--resume")
     if args.stop_after is not None:
@@ -149,6 +170,9 @@ def record(run):
     rec["shift"] = {s: {k: shifted[s].get(k) for k in ("accuracy", "nll", "ece")} for s in SEVERITIES if s in shifted}
     for k in ("active_params", "dense_params", "guide_bytes", "seconds", "train_flops_per_step"):
         rec[k] = r.get(k)
+    base = run.get("starts_from")
+    if base is not None and rec["seconds"] is not None and os.path.exists(base["out"]):  # total training time
+        rec["seconds"] += json.loads(pathlib.Path(base["out"]).read_text()).get("seconds") or 0.0
     return rec
 
 
@@ -250,7 +274,8 @@ def parse_args(argv):
     p = ArgumentParser(description="The CIFAR example on the real CIFAR-10 JPEG images: deterministic, dense VI, SSVI 0.1, SSVI 0.05.")
     p.add_argument("--data-dir", default="~/.cache/cifar10-jpeg", help="the unpacked image folder (train/<class>, test/<class>), outside the repository")
     p.add_argument("--width", type=int, default=16, help="ResNet-18 base width")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs of every run")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs of every run (but the fine-tuned ones)")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="epochs of SSVI 0.1 fine-tuned from the deterministic run")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--seeds", type=int, default=None, help="seeds of every method (default: 2 for dense VI and SSVI 0.1, 1 for the others)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the example's --device")
@@ -264,7 +289,10 @@ def parse_args(argv):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         p.error(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(METHODS)}" if unknown else "--methods: name at least one method")
-    for flag in ("width", "epochs", "seeds", "stop_after", "workers"):
+    for key, base in STARTS_FROM.items():
+        if key in args.methods and base not in args.methods:
+            p.error(f"--methods: {key} starts from the {base} run of its seed; list {base} too")
+    for flag in ("width", "epochs", "finetune_epochs", "seeds", "stop_after", "workers"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {v}")
@@ -296,8 +324,13 @@ def main(argv=None):
         raise UsageError(f"{len(blocked)} run(s) have a checkpoint but no result, e.g. {blocked[0]}: pass --resume to continue them, or delete the checkpoints")
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        failures = [f for f in tqdm(pool.map(lambda r: execute(r, args), todo), total=len(todo), desc="runs") if f]
+    failures = []
+    # the runs that start from another run's checkpoint go after the others
+    for phase in ([r for r in todo if "starts_from" not in r], [r for r in todo if "starts_from" in r]):
+        if not phase:
+            continue
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            failures += [f for f in tqdm(pool.map(lambda r: execute(r, args), phase), total=len(phase), desc="runs") if f]
     records = report(runs, args)
     if failures:
         raise BenchmarkError(f"{len(failures)} of {len(todo)} runs failed; first: {failures[0]}")

@@ -92,7 +92,20 @@ def _inverse_transform(scale, transform):
 
 
 class SparseSubspaceGuide(AutoGuide):
-    """Sparse mean-field Normal guide for SSVI.
+    r"""Sparse mean-field Normal guide for SSVI (Li, Miao, Qiu, Zhang, ICLR 2024, arXiv 2402.11025).
+
+    .. math:: q(\theta) = \prod_{i \in S} \mathcal N(\theta_i; \mu_i, \sigma_i^2) \prod_{i \notin S} \delta(\theta_i),
+              \qquad |S| = \mathrm{round}(\mathrm{density} \cdot d) \text{ per site}
+
+        >>> import pyro.distributions as dist
+        >>> from pyro.nn import PyroModule, PyroSample
+        >>> net = PyroModule[torch.nn.Linear](20, 5)
+        >>> net.weight = PyroSample(dist.Normal(0., 1.).expand([5, 20]).to_event(2))
+        >>> guide = SparseSubspaceGuide(net, density=0.1)
+        >>> sample = guide(torch.randn(3, 20))["weight"]
+        >>> int((sample != 0).sum()), guide.active_params, guide.dense_params
+        (10, 10, 100)
+        >>> pyro.clear_param_store()  # guides of one class share names in Pyro's param store
 
     :param callable model: a Pyro model (typically a ``PyroModule`` BNN with
         ``PyroSample`` priors). Every latent site must be real-valued with batch

@@ -192,28 +192,34 @@ class LinearPattern:
         return decision["sparse"]
 
 
-class _CSRLinear(torch.autograd.Function):
+class _CSRLinearT(torch.autograd.Function):
+    r"""``W x^T`` of shape ``(out, rows)`` (contiguous): the transposed output of ``F.linear(x, W)``."""
+
     @staticmethod
     def forward(ctx, x2d, values, pattern):
         xt = x2d.t().contiguous()  # free when x2d is itself a transposed layer output, as below
-        # returned transposed (column-major): the next sparse layer's xt is then a view, no copy
-        y = pattern.matmul(values, xt).t()
         ctx.pattern = pattern
         ctx.save_for_backward(xt, values)
-        return y
+        return pattern.matmul(values, xt)
 
     @staticmethod
     def backward(ctx, grad):
         xt, values = ctx.saved_tensors
         pattern = ctx.pattern
         grad_x = grad_values = None
-        gt = grad.t().contiguous()
+        gt = grad.contiguous()
         if ctx.needs_input_grad[0]:
             grad_x = pattern.rmatmul(values, gt).t()
         if ctx.needs_input_grad[1]:
             sampled = torch.sparse.sampled_addmm(pattern.structure(values), gt, xt.t(), beta=0.0).values()
             grad_values = pattern.from_row_major(sampled)
         return grad_x, grad_values, None
+
+
+def _csr_linear(x2d, values, pattern):
+    """``F.linear(x2d, W)`` returned column-major (the transpose of a contiguous ``(out, rows)``): the next
+    sparse layer's ``xt`` is then a view, no copy."""
+    return _CSRLinearT.apply(x2d, values, pattern).t()
 
 
 def _check_input(x, shape):
@@ -241,7 +247,7 @@ def sparse_linear(input, values, pattern, bias=None):
 
 def _sparse_linear(x2d, lead, values, pattern, bias):
     """:func:`sparse_linear` on the input flattened to ``x2d`` (checked), leading dims ``lead``."""
-    y = _CSRLinear.apply(x2d, values, pattern).reshape(lead + (pattern.shape[0],))
+    y = _csr_linear(x2d, values, pattern).reshape(lead + (pattern.shape[0],))
     return y if bias is None else y + bias
 
 
@@ -281,7 +287,7 @@ def measure(pattern, x2d, values, repeats=None):
             y.backward(torch.ones_like(y))
 
     def sparse():
-        y = _CSRLinear.apply(x, v, pattern)
+        y = _csr_linear(x, v, pattern)
         if needs_x or needs_v:
             y.backward(torch.ones_like(y))
 
@@ -372,6 +378,22 @@ class SparseWeight(torch.Tensor):
             dense = self.pattern.dense(self.active)
             self._dense = (grad, dense if self.shift is None else dense + self.shift)
         return self._dense[1]
+
+    def linear_t(self, x2d):
+        r"""``W x^T``, shape ``(out, rows)``, for ``x2d`` of shape ``(rows, in)``: the transpose of
+        ``F.linear(x2d, self)`` as a fresh contiguous tensor (local reparameterisation finishes it in
+        place), by the sparse kernel where the pattern chose it for this call shape, else densely.
+
+            >>> pattern = LinearPattern(torch.tensor([5, 0, 3]), (2, 4), policy="sparse")
+            >>> SparseWeight(torch.tensor([1., 2., 3.]), pattern).linear_t(torch.ones(3, 4))
+            tensor([[5., 5., 5.],
+                    [1., 1., 1.]])
+        """
+        _check_input(x2d, self.pattern.shape)
+        if not self.pattern.use_sparse(x2d, self.active):
+            return torch.mm(self.materialize(), x2d.t())
+        yt = _CSRLinearT.apply(x2d, self.active, self.pattern)
+        return yt if self.shift is None else yt + torch.mm(self.shift, x2d.t())
 
     def _linear(self, x, bias):
         _check_input(x, self.pattern.shape)

@@ -90,6 +90,29 @@ class _CallModel(torch.nn.Module):
 class SSVI:
     """Sparse Subspace Variational Inference: ``pyro.infer.SVI`` plus subspace updates.
 
+        >>> import pyro.distributions as dist
+        >>> from pyro.nn import PyroModule, PyroSample
+        >>> from pyro_ssvi import SparseSubspaceGuide
+        >>> pyro.clear_param_store()
+        >>> class Regression(PyroModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = PyroSample(dist.Normal(0., 1.).expand([50]).to_event(1))
+        ...     def forward(self, x, y=None):
+        ...         mean = x @ self.w
+        ...         with pyro.plate("data", x.shape[0]):
+        ...             pyro.sample("y", dist.Normal(mean, 0.1), obs=y)
+        >>> model = Regression()
+        >>> guide = SparseSubspaceGuide(model, density=0.1)  # 5 of the 50 coefficients are random at any time
+        >>> svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.TraceMeanField_ELBO(),
+        ...            total_steps=40, update_every=10)
+        >>> x = torch.randn(64, 50)
+        >>> y = 2 * x[:, 7] + 0.1 * torch.randn(64)
+        >>> losses = [svi.step(x, y) for _ in range(40)]
+        >>> len(svi.history), guide.active_index("w").numel()   # updates at steps 10 and 20 (< 0.75 * 40)
+        (2, 5)
+        >>> pyro.clear_param_store()
+
     :param model: the Pyro model.
     :param guide: a :class:`~pyro_ssvi.SparseSubspaceGuide`, or an
         :class:`~pyro.infer.autoguide.AutoGuideList` (nested lists too) holding one or more of them

@@ -33,8 +33,13 @@ def flag(cmd, name):
 
 def test_dry_run_prints_the_default_plan_and_runs_nothing(bench, capsys, tmp_path):
     lines = dry(bench, capsys, tmp_path)
-    assert len(lines) == 6  # deterministic 1, dense VI 2, SSVI 0.1 2, SSVI 0.05 1
+    assert len(lines) == 7  # deterministic 1, dense VI 2, SSVI 0.1 2, SSVI 0.05 1, SSVI 0.1 fine-tuned 1
     assert all("examples/cifar_resnet.py" in c for c in lines)
+    finetune = [c for c in lines if "--init-from" in c]
+    assert len(finetune) == 1 and flag(finetune[0], "--epochs") == "2" and flag(finetune[0], "--density") == "0.1"
+    det = next(c for c in lines if "--deterministic" in c)
+    assert flag(finetune[0], "--init-from") == flag(det, "--checkpoint")  # starts from the deterministic run of its seed
+    lines = [c for c in lines if "--init-from" not in c]
     methods = [("--deterministic" in c, flag(c, "--density"), flag(c, "--seed")) for c in lines]
     assert methods == [(True, None, "0"), (False, "1.0", "0"), (False, "0.1", "0"), (False, "0.05", "0"), (False, "1.0", "1"), (False, "0.1", "1")]
     for c in lines:
@@ -103,7 +108,7 @@ def test_missing_data_folder_is_refused(bench, tmp_path, capsys):
 
 def fake_result(key, seed):
     """A JSON shaped like the example's --out (values made up, method-dependent)."""
-    base = {"deterministic": 0.80, "dense": 0.78, "ssvi0.1": 0.79, "ssvi0.05": 0.77}[key] + 0.01 * seed
+    base = {"deterministic": 0.80, "dense": 0.78, "ssvi0.1": 0.79, "ssvi0.05": 0.77, "ssvi0.1-ft": 0.81}[key] + 0.01 * seed
 
     def both(v):  # the example writes a deterministic run's single predictive under "network"
         return {"network": v} if key == "deterministic" else {"mc": v, "posterior_mean": v - 0.005}
@@ -125,7 +130,9 @@ def test_report_from_finished_runs(bench, tmp_path):
     for r in runs:
         pathlib.Path(r["out"]).write_text(json.dumps(fake_result(r["key"], r["seed"])))
     records = bench.main(common)  # every JSON exists: nothing is run
-    assert len(records) == 6
+    assert len(records) == 7
+    ft = next(r for r in records if r["key"] == "ssvi0.1-ft")
+    assert ft["seconds"] == 1200.0  # its own 600 s plus the deterministic run's: equal total training time
     md = (tmp_path / "results" / "cifar_real.md").read_text()
     payload = json.loads((tmp_path / "results" / "cifar_real.json").read_text())
     assert (tmp_path / "results" / "cifar_real.png").stat().st_size > 1000
@@ -139,4 +146,11 @@ def test_report_from_finished_runs(bench, tmp_path):
     assert cells[11] == "100,000" and cells[13] == "10.5 ± 0.7"
     det = next(line for line in md.splitlines() if line.startswith("| deterministic |"))
     assert "80.00" in det and "±" not in det.split("|")[3]
-    assert payload["results"]["missing"] == [] and len(payload["results"]["runs"]) == 6
+    assert payload["results"]["missing"] == [] and len(payload["results"]["runs"]) == 7
+    assert "| SSVI 0.1 fine-tuned from deterministic |" in md
+
+
+def test_a_fine_tuned_run_needs_its_deterministic_run(bench, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--methods", "ssvi0.1-ft", "--dry-run"])
+    assert e.value.code == 2 and "list deterministic too" in capsys.readouterr().err

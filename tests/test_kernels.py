@@ -295,3 +295,27 @@ def test_restricted_prior_log_prob_matches_dense(family):
     assert torch.allclose(SubspacePrior(prior, index).log_prob(value), expected, rtol=1e-6, atol=1e-6)
     # the families Pyro users write are evaluated at the active coordinates only; others fall back to dense
     assert (restrict(prior.base_dist, index, shape) is None) == (family == "mixture")
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+def test_linear_t_is_the_transposed_linear_with_the_same_gradients(policy, shifted):
+    """``SparseWeight.linear_t`` (LRT's ``(out, rows)`` product): output and gradients of ``F.linear(x, W)^T``."""
+    torch.manual_seed(0)
+    index = torch.randperm(9 * 12)[:30].sort().values
+    pattern = LinearPattern(index, (9, 12), policy="sparse")
+    if policy == "dense":
+        pattern.use_sparse = lambda x2d, values: False
+    values = torch.randn(30, requires_grad=True)
+    shift = torch.randn(9, 12, requires_grad=True) if shifted else None
+    x = torch.randn(7, 12, requires_grad=True)
+    w = SparseWeight(values, pattern, shift)
+    yt = w.linear_t(x)
+    dense = pattern.dense(values) + (shift if shifted else 0.0)
+    ref = F.linear(x, dense).t()
+    assert yt.shape == (9, 7) and yt.is_contiguous() and yt._base is None
+    assert close(yt, ref)
+    g = torch.randn(9, 7)
+    wrt = [values, x] + ([shift] if shifted else [])
+    for a, b in zip(torch.autograd.grad(yt, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        assert close(a, b)
