@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pyro
@@ -64,3 +65,11 @@ def digits():
     perm = torch.randperm(len(X), generator=g)
     X, y = X[perm], y[perm]
     return X[:1400], y[:1400], X[1400:], y[1400:]
+
+
+def load_script(path, name):
+    """Import a script (an example or a benchmark, not a package module) as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

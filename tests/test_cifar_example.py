@@ -1,6 +1,5 @@
 """examples/cifar_resnet.py end to end on small CIFAR-format files and on synthetic data."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar_resnet.py"
 
 
 @pytest.fixture(scope="module")
 def cifar():
-    spec = importlib.util.spec_from_file_location("cifar_resnet", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "cifar_resnet")
 
 
 def write_cifar(root, kind, n_per_batch=24, n_test=40, seed=0):

@@ -1,7 +1,6 @@
 """examples/cifar_resnet.py on image folders: --dataset folder, --ood folder:, --shift, --calibrate,
 --deterministic and --init-from, on tiny generated PNG folders (width 4, 1 epoch)."""
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -11,6 +10,8 @@ import torch
 
 from test_folder_data import _pixels, _save, make_folder
 
+from conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar_resnet.py"
 CLASSES = ("ant", "bee", "cat")
@@ -19,10 +20,7 @@ TINY = ["--epochs", "1", "--width", "4", "--batch-size", "8", "--mc-samples", "2
 
 @pytest.fixture(scope="module")
 def cifar():
-    spec = importlib.util.spec_from_file_location("cifar_resnet_features", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "cifar_resnet_features")
 
 
 @pytest.fixture(scope="module")

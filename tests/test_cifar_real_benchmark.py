@@ -1,6 +1,5 @@
 """benchmarks/cifar_real.py without training: --dry-run commands, resume logic, and the report from given run JSONs."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -8,16 +7,15 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "cifar_real.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cifar_real_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "cifar_real_benchmark")
 
 
 def dry(bench, capsys, tmp_path, *flags):

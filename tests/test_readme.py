@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -65,12 +67,7 @@ def test_main_job_bad_flag_is_one_line():
 
 
 def _digits_example():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "examples" / "digits.py", "digits_example")
 
 
 def test_main_job_weights_the_kl_once_and_scales_only_the_likelihood():

@@ -3,7 +3,6 @@ data is loaded; a refusal is one line on stderr (exit 2, or 1 for a failed write
 changed or lost."""
 
 import errno
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -14,6 +13,8 @@ import pytest
 
 from pyro_ssvi.cli import run_main
 
+from conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "examples" / "cifar_resnet.py"
 DIGITS = ROOT / "examples" / "digits.py"
@@ -22,10 +23,7 @@ TINY = ["--dataset", "synthetic", "--num-synthetic", "32", "--width", "4", "--ep
 
 
 def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(path, name)
 
 
 @pytest.fixture(scope="module")
