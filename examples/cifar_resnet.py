@@ -699,21 +699,10 @@ class DeterministicRun:
     def predict_batch(self, xb, mc_samples):
         return {"network": self.net(xb).softmax(-1).unsqueeze(0)}
 
-    @torch.no_grad()
     def recalibrate(self, batches):
-        """Recompute the batch-norm statistics over ``batches`` (equal weights), as the Bayesian run does."""
-        layers = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in layers]
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
-        self.net.train()
-        try:
-            for xb in batches:
-                self.net(xb)
-        finally:
-            for m, momentum in zip(layers, momenta):
-                m.momentum = momentum
+        """Recompute the batch-norm statistics over ``batches`` (equal weights), as the Bayesian run does:
+        PyTorch's ``update_bn``."""
+        torch.optim.swa_utils.update_bn(batches, self.net)
 
     def state_dict(self):
         return {"model": self.net.state_dict(), "guide": None, "optimizer": self.optimizer.state_dict(),

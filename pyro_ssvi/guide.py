@@ -435,12 +435,10 @@ class SparseSubspaceGuide(AutoGuide):
         """Use the choices of ``table`` (as :meth:`kernel_decisions` returns) instead of measuring
         those call shapes; sites it names lose their other measured choices. Call shapes it does not
         hold are still measured on first use."""
-        parsed = {}
-        unknown = sorted(set(table) - set(self._sites or ())) if isinstance(table, Mapping) else []
+        parsed = _parse_decision_table(table)
+        unknown = sorted(set(parsed) - set(self._sites or ()))
         if unknown:
             raise ValueError(f"kernel decisions: unknown site names {unknown}; the guide has {list(self._sites or ())}")
-        for name, rows in _check_decision_table(table).items():
-            parsed[name] = dict(_decision_key(row) for row in rows)
         for name, decisions in parsed.items():
             shared = self._kernel_decisions.setdefault(name, {})
             shared.clear()  # in place: built patterns hold this dict
@@ -636,7 +634,7 @@ class SparseSubspaceGuide(AutoGuide):
             self._check_site_state(name, info, given)
         if "_extra_state" in given:
             try:
-                _check_decision_table(given["_extra_state"].get("kernel_decisions", {}))
+                _parse_decision_table(given["_extra_state"].get("kernel_decisions", {}))
             except (AttributeError, TypeError, ValueError) as e:
                 raise ValueError(f"state_dict: _extra_state: {e}") from e
 
@@ -681,21 +679,25 @@ def _decision_key(row):
     return key, decision
 
 
-def _check_decision_table(table):
-    """``table`` if it is a decision table (``{site: [row, ...]}``), else ``ValueError`` saying what is wrong."""
+def _parse_decision_table(table):
+    """``{site: {call-shape key: decision}}`` from a decision table (``{site: [row, ...]}``), or ``ValueError``
+    saying what is wrong with it."""
     if not isinstance(table, Mapping):
         raise ValueError(f"kernel decisions: expected a mapping site -> list of rows, got {type(table).__name__}")
+    parsed = {}
     for name, rows in table.items():
+        parsed[name] = {}
         for row in rows:
             try:
-                _decision_key(row)
+                key, decision = _decision_key(row)
                 ok = isinstance(row["sparse"], bool)
             except (KeyError, TypeError, ValueError, AttributeError):
                 ok = False
             if not ok:
                 raise ValueError(f"kernel decisions of site {name!r}: a row needs rows, dtype, device, input_grad, "
                                  f"value_grad and sparse (bool), got {row!r}")
-    return table
+            parsed[name][key] = decision
+    return parsed
 
 
 def _unsupported_support_message(name, support):
