@@ -119,7 +119,7 @@ from cifar_data import (  # noqa: E402
     resize_images,
     synthetic_cifar,
 )
-from corruptions import CORRUPTIONS, SEVERITIES, corrupt, corruption_seed, parse_shift  # noqa: E402
+from corruptions import CORRUPTIONS, SEVERITIES, corrupt, corruption_seed, parse_severities, parse_shift  # noqa: E402
 from folder_data import FolderDataError, channel_stats, load_images  # noqa: E402
 
 
@@ -250,7 +250,7 @@ def set_rng_state(state):
 # validation split, and never changes the trained weights.
 EVAL_FLAGS = (
     "mc_samples", "out", "plot", "ood", "no_progress", "checkpoint", "resume", "overwrite", "stop_after", "eval_only",
-    "data_dir", "download", "device", "shift", "calibrate",
+    "data_dir", "download", "device", "shift", "shift_severities", "shift_images", "calibrate",
 )
 #: flags that fix the model and the data: --eval-only needs a checkpoint that agrees on them
 MODEL_FLAGS = ("dataset", "width", "density", "prior_scale", "subset", "val_fraction", "num_synthetic", "seed", "deterministic",
@@ -415,22 +415,23 @@ def ood_results(in_prediction, out_prediction):
 SHIFT_METRICS = ("accuracy", "nll", "ece")
 
 
-def evaluate_shift(predict_fn, x, y, names, seed, rank=0, progress=False):
-    """Metrics of the test set under CIFAR-10-C-style corruptions at severities 1-5.
+def evaluate_shift(predict_fn, x, y, names, seed, rank=0, progress=False, severities=SEVERITIES):
+    """Metrics of the test set under CIFAR-10-C-style corruptions at ``severities`` (default 1-5).
 
     ``predict_fn(x_uint8) -> {predictive: (S, N, C)}`` predicts a whole (corrupted) uint8 test set.
     Each (corruption, severity) is drawn with ``corruption_seed(seed, name, severity)`` and its
     MC draws are seeded alike, so every cell is reproducible on its own, whatever the order or
     subset of ``names``. Returns ``{predictive: {"by_corruption": {name: {"1": {accuracy, nll,
-    ece}, ...}}, "mean": {"1": {...}, ..., "5": {...}}}}``, the means taken over the corruptions.
+    ece}, ...}}, "mean": {"1": {...}, ..., "5": {...}}}}``, the means taken over the corruptions
+    (only the keys of ``severities``).
     """
     from tqdm.auto import tqdm
 
     y = y.cpu()
     out = {}
-    with tqdm(total=len(names) * len(SEVERITIES), desc="shift", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(names) * len(severities), desc="shift", disable=not progress, leave=False) as bar:
         for name in names:
-            for severity in SEVERITIES:
+            for severity in severities:
                 cell_seed = corruption_seed(seed, name, severity)
                 shifted = corrupt(x, name, severity, generator=cell_seed)
                 pyro.set_rng_seed((cell_seed + 7919 * rank) % 2**32)
@@ -441,10 +442,20 @@ def evaluate_shift(predict_fn, x, y, names, seed, rank=0, progress=False):
                 bar.set_postfix(corruption=name, severity=severity)
                 bar.update(1)
     for res in out.values():
-        for severity in SEVERITIES:
+        for severity in severities:
             rows = [cells[str(severity)] for cells in res["by_corruption"].values()]
             res["mean"][str(severity)] = {k: sum(r[k] for r in rows) / len(rows) for k in SHIFT_METRICS}
     return out
+
+
+def shift_sample(n, count):
+    """Indices of the test images scored under shift: all ``n`` when ``count`` is None, else ``count``
+    of them drawn without replacement by a fixed generator (seed 0, whatever the run's seed, so that every
+    method and seed is scored on the same images), in increasing order. An image folder lists its test
+    images class by class, so the first ``count`` would not do."""
+    if count is None or count >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
 
 
 def calibration(val_prediction, yval, test_prediction, yte):
@@ -500,13 +511,14 @@ def save_shift_plot(path, result):
     shift = result["shift"]
     main_kind = "mc" if "mc" in shift else next(iter(shift))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    severities = sorted(int(s) for s in shift[main_kind]["mean"])
     for ax, metric in zip(axes, ("accuracy", "ece")):
         clean = result[f"test_{metric}"]
-        boxes = [[cells[str(s)][metric] for cells in shift[main_kind]["by_corruption"].values()] for s in SEVERITIES]
-        ax.boxplot(boxes, positions=list(SEVERITIES), widths=0.5)
+        boxes = [[cells[str(s)][metric] for cells in shift[main_kind]["by_corruption"].values()] for s in severities]
+        ax.boxplot(boxes, positions=severities, widths=0.5)
         for kind, res in shift.items():
-            ys = [clean[kind]] + [res["mean"][str(s)][metric] for s in SEVERITIES]
-            ax.plot(range(len(SEVERITIES) + 1), ys, marker="o", label=f"{kind.replace('_', ' ')} (mean)")
+            ys = [clean[kind]] + [res["mean"][str(s)][metric] for s in severities]
+            ax.plot([0] + severities, ys, marker="o", label=f"{kind.replace('_', ' ')} (mean)")
         ax.set_xticks(range(len(SEVERITIES) + 1))
         ax.set_xticklabels(["clean"] + [str(s) for s in SEVERITIES])
         ax.set_xlim(-0.5, len(SEVERITIES) + 0.5)
@@ -810,6 +822,9 @@ def build_parser():
       "(every PNG/JPEG image below PATH) (e.g. svhn,folder:/data/my-ood)")
     a("--shift", default="", help="comma-separated CIFAR-10-C corruptions evaluated at severities 1-5 (or all: "
       + ", ".join(CORRUPTIONS) + "); deterministic under --seed")
+    a("--shift-severities", default="1,2,3,4,5", help="with --shift: the severities evaluated (comma-separated, among 1-5)")
+    a("--shift-images", type=int, default=None, help="with --shift: score the corruptions on N test images (a fixed, "
+      "class-balanced-in-expectation sample, the same for every run and seed) instead of all of them, to save time")
     a("--calibrate", action="store_true", help="fit a temperature per predictive on the validation split (needs --val-fraction > 0) "
       "and report calibrated test NLL and ECE too")
     a("--deterministic", action="store_true", help="the baseline: train the same ResNet-18 as a plain network with SGD on the "
@@ -963,6 +978,12 @@ def _check_evaluation(p, args):
             p.error(f"--shift: {e}")
     else:
         args.shift = []
+    try:
+        args.shift_severities = parse_severities(args.shift_severities)
+    except ValueError as e:
+        p.error(f"--shift-severities: {e}")
+    if args.shift_images is not None and args.shift_images < 1:
+        p.error(f"--shift-images must be positive, got {args.shift_images}")
     if args.calibrate and not args.val_fraction > 0:
         p.error("--calibrate fits the temperature on the validation split: pass --val-fraction F > 0 too")
 
@@ -1137,8 +1158,10 @@ def _main(args, rank, world, device):
             calibrated = calibration(predict_sharded(run, xval, prep, args.mc_samples, 256, world), yval, test_prediction, yte)
         shift = None
         if args.shift:
-            shift = evaluate_shift(lambda x: predict_sharded(run, x, prep, args.mc_samples, 256, world), xte, yte, args.shift,
-                                   args.seed, rank, progress=lead and not args.no_progress)
+            keep = shift_sample(len(xte), args.shift_images)
+            shift = evaluate_shift(lambda x: predict_sharded(run, x, prep, args.mc_samples, 256, world), xte[keep], yte[keep],
+                                   args.shift, args.seed, rank, progress=lead and not args.no_progress,
+                                   severities=args.shift_severities)
         costs = run.costs(prep(xtr[: args.batch_size]))
     result = {
         "processes": world,
@@ -1164,6 +1187,7 @@ def _main(args, rank, world, device):
     result["ood"] = {name: ood_results(test_prediction, pred) for name, pred in ood_predictions.items()}
     if shift is not None:
         result["shift"] = shift
+        result["shift_images"] = len(keep)
     kind = primary(test_prediction)
     samples = f", {args.mc_samples} samples" if kind == "mc" else ""
     say(
@@ -1178,7 +1202,8 @@ def _main(args, rank, world, device):
         say(f"OOD {name}: " + "  ".join(f"{score} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} FPR95 {m['fpr95']:.4f}" for score, m in res[kind].items()))
     if shift is not None:
         say("shift (mean over corruptions): " + "  ".join(
-            f"s{s} acc {shift[kind]['mean'][str(s)]['accuracy']:.4f} ece {shift[kind]['mean'][str(s)]['ece']:.4f}" for s in SEVERITIES))
+            f"s{s} acc {shift[kind]['mean'][str(s)]['accuracy']:.4f} ece {shift[kind]['mean'][str(s)]['ece']:.4f}" for s in args.shift_severities)
+            + f"  ({len(keep)} test images)")
     if args.out and lead:
         write_outputs(args, result, {"test": test_prediction, "y": yte, "ood": ood_predictions}, say)
     return result

@@ -68,6 +68,7 @@ __all__ = [
     "CONSTANTS",
     "CORRUPTIONS",
     "SEVERITIES",
+    "parse_severities",
     "brightness",
     "contrast",
     "corrupt",
@@ -432,6 +433,21 @@ def parse_shift(text):
             raise ValueError(f"unknown corruption {n!r}; known: {', '.join(CORRUPTIONS)} (or 'all')")
         out.extend(m for m in new if m not in out)
     return out
+
+
+def parse_severities(text):
+    """Severities from a comma-separated list of integers in 1-5 (``"3,5"``), sorted, each kept once."""
+    out = set()
+    for t in str(text).split(","):
+        t = t.strip()
+        if not t:
+            continue
+        if not t.isdigit() or int(t) not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(map(str, SEVERITIES))}, got {t!r}")
+        out.add(int(t))
+    if not out:
+        raise ValueError(f"no severity named in {text!r}: pass a comma-separated list of {', '.join(map(str, SEVERITIES))}")
+    return tuple(sorted(out))
 
 
 def corruption_seed(seed, name, severity):

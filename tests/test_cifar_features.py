@@ -154,6 +154,33 @@ def test_shift_is_deterministic_under_the_seed(cifar):
     # a cell does not depend on the other corruptions evaluated
     alone = cifar.evaluate_shift(predict, x, y, ["impulse_noise"], seed=3)
     assert alone["mc"]["by_corruption"]["impulse_noise"] == a["mc"]["by_corruption"]["impulse_noise"]
+    # nor on the other severities: --shift-severities 3,5 gives the cells 3 and 5 of the full evaluation
+    some = cifar.evaluate_shift(predict, x, y, names, seed=3, severities=(3, 5))
+    for kind in ("mc", "posterior_mean"):
+        assert list(some[kind]["mean"]) == ["3", "5"]
+        for name in names:
+            full = a[kind]["by_corruption"][name]
+            assert some[kind]["by_corruption"][name] == {"3": full["3"], "5": full["5"]}
+
+
+def test_shift_sample_is_fixed_spread_and_seed_free(cifar):
+    assert torch.equal(cifar.shift_sample(7, None), torch.arange(7)) and torch.equal(cifar.shift_sample(7, 9), torch.arange(7))
+    a = cifar.shift_sample(10000, 2000)
+    torch.manual_seed(123)  # the global RNG does not move it
+    b = cifar.shift_sample(10000, 2000)
+    assert torch.equal(a, b) and len(a.unique()) == 2000 and bool((a[1:] > a[:-1]).all())
+    # a folder lists its test images class by class: each block of 1000 (one class) gets 200 +- 4 sd (hypergeometric)
+    per_class = torch.bincount(a // 1000, minlength=10).double()
+    sd = (2000 * 0.1 * 0.9 * (10000 - 2000) / (10000 - 1)) ** 0.5
+    assert bool(((per_class - 200).abs() <= 4 * sd).all()), per_class
+
+
+def test_shift_severities_and_images_in_the_result(tmp_path, cifar, folders):
+    out = tmp_path / "r.json"
+    result = cifar.main(folder_args(folders, "--shift", "contrast", "--shift-severities", "5, 3", "--shift-images", "4", "--out", str(out)))
+    assert result["shift_images"] == 4 and list(result["shift"]["mc"]["mean"]) == ["3", "5"]
+    assert json.loads(out.read_text())["args"]["shift_severities"] == [3, 5]
+    assert {"shift_severities", "shift_images"} <= set(cifar.EVAL_FLAGS)
 
 
 # one-line refusals ------------------------------------------------------------------------------
@@ -194,7 +221,9 @@ def test_mixed_sizes_and_ood_sizes_are_one_line(tmp_path, capsys, cifar, folders
 @pytest.mark.parametrize(
     "argv, named",
     [(["--calibrate"], "--val-fraction"), (["--shift", "fog"], "fog"), (["--image-size", "16"], "--image-size"),
-     (["--ood", "folder:/nowhere/at/all"], "--ood"), (["--init-from", "/nowhere.pt"], "--init-from")],
+     (["--ood", "folder:/nowhere/at/all"], "--ood"), (["--init-from", "/nowhere.pt"], "--init-from"),
+     (["--shift-severities", "6"], "--shift-severities"), (["--shift-severities", ","], "--shift-severities"),
+     (["--shift-images", "0"], "--shift-images")],
 )
 def test_bad_new_flags_are_one_line_before_any_data(capsys, cifar, argv, named):
     line = refused(capsys, cifar, ["--dataset", "synthetic", *TINY, *argv])

@@ -13,7 +13,7 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 import corruptions  # noqa: E402
-from corruptions import CONSTANTS, CORRUPTIONS, SEVERITIES, corrupt, corruption_seed, parse_shift  # noqa: E402
+from corruptions import CONSTANTS, CORRUPTIONS, SEVERITIES, corrupt, corruption_seed, parse_severities, parse_shift  # noqa: E402
 
 NAMES = list(CORRUPTIONS)
 NOISY = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"]
@@ -294,6 +294,15 @@ def test_parse_shift():
     assert parse_shift("all") == NAMES
     assert parse_shift(" contrast , pixelate,contrast") == ["contrast", "pixelate"]
     assert parse_shift("pixelate,all") == ["pixelate"] + [n for n in NAMES if n != "pixelate"]
+
+
+def test_parse_severities():
+    assert parse_severities("5, 3,5") == (3, 5) and parse_severities("1,2,3,4,5") == SEVERITIES
+    for bad in ("0", "6", "3.5", "x", "-1"):
+        with pytest.raises(ValueError, match=rf"severity must be one of 1, 2, 3, 4, 5, got '{bad}'"):
+            parse_severities(f"3,{bad}")
+    with pytest.raises(ValueError, match="no severity named"):
+        parse_severities(" , ")
 
 
 def test_corruption_seed_is_distinct_and_stable():
