@@ -19,6 +19,7 @@ from .optim import fresh_adam_correction, reset_optimizer_state
 from .distributed import StructureMismatchError, SubspaceMismatchError
 from .finite import NonFiniteLossError
 from .svi import SSVI
+from .updater import SubspaceUpdater
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "SparseWeight",
     "SubspacePrior",
     "SubspacePriorMessenger",
+    "SubspaceUpdater",
     "SwapSchedule",
     "criteria",
     "init_to_normal",

@@ -30,9 +30,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from pyro.poutine.plate_messenger import PlateMessenger
-from pyro.poutine.reentrant_messenger import ReentrantMessenger
-from pyro.poutine.runtime import _PYRO_STACK
 from torch.overrides import TorchFunctionMode
+
+from .modes import TorchModeMessenger, handler_stack
 
 #: the convolutions handled, with their number of spatial dims
 CONV_SPATIAL_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -133,7 +133,7 @@ def _align(t, core):
     """
     if t is None or t.dim() <= core:
         return t
-    dims = [-frame.dim for frame in _PYRO_STACK if isinstance(frame, PlateMessenger) and frame.dim is not None]
+    dims = [-frame.dim for frame in handler_stack() if isinstance(frame, PlateMessenger) and frame.dim is not None]
     lead = t.dim() - core
     if not dims or lead >= max(dims):
         return t
@@ -168,7 +168,7 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class BatchedLayersMessenger(ReentrantMessenger):
+class BatchedLayersMessenger(TorchModeMessenger):
     r"""Let ``F.linear`` and ``F.conv1d/2d/3d`` take weights with leading (particle) batch dims.
 
     Apply it to a model for vectorised particles or a parallel ``Predictive``; ``SSVI``
@@ -197,7 +197,6 @@ class BatchedLayersMessenger(ReentrantMessenger):
         super().__init__()
         self._module = weakref.ref(module) if isinstance(module, torch.nn.Module) else None
         self.batched_calls = 0
-        self._mode = None
         self._hook = None
 
     def _name_of(self, module):
@@ -216,22 +215,17 @@ class BatchedLayersMessenger(ReentrantMessenger):
                 "sequential particles (vectorize_particles=False / parallel=False) for this network"
             )
 
-    def __enter__(self):
-        if self._ref_count == 0:
-            self.batched_calls = 0
-            self._mode = _Mode(self)
-            self._mode.__enter__()
-            self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._check_module)
-        return super().__enter__()
+    def make_mode(self):
+        return _Mode(self)
 
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            if self._ref_count == 0 and self._mode is not None:
-                mode, self._mode = self._mode, None
-                self._hook.remove()
-                mode.__exit__(*exc)
+    def begin(self):
+        self.batched_calls = 0
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._check_module)
+
+    def end(self):
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove()
 
 
 #: tensor methods that only reshape or copy a sample: a :class:`BatchedSample` stays one through them

@@ -13,8 +13,9 @@ usual gradient averaging, that every rank makes the *same* subspace update:
   another ``density`` gets an error naming the site and the ranks instead of a collective that
   hangs or aborts on mismatched sizes.
 
-These are pure functions of tensors and a process group; :class:`~pyro_ssvi.SSVI` calls them
-when ``torch.distributed`` is initialised (or it is given a ``process_group``).
+These are functions of tensors, modules and a process group (:func:`synchronise_start` runs the
+first two checks on a guide and model); :class:`~pyro_ssvi.SSVI` calls them when
+``torch.distributed`` is initialised (or it is given a ``process_group``).
 """
 
 import torch
@@ -78,6 +79,29 @@ def check_same_structure(description, process_group=None):
                 f"the ranks built different guides or models: {name}: {held}; every rank must build the same "
                 "model and guide (same density, dense_sites, network and dtype)"
             )
+
+
+def training_structure(sites, guide, model):
+    """What every rank must agree on before the first collective: each sparse ``(part, name)`` of
+    ``sites`` with its shape and active count, and the shape and dtype of every tensor of the
+    guide's (and model's, if a module) state."""
+    out = {}
+    for part, name in sites:
+        info = part.site_info(name)
+        out[f"site {name!r}"] = f"{info.k} of {info.numel} entries active, shape {tuple(info.shape)}"
+    out.update(describe_state(guide, "guide tensor "))
+    if isinstance(model, torch.nn.Module):
+        out.update(describe_state(model, "model tensor "))
+    return out
+
+
+def synchronise_start(sites, guide, model, process_group=None):
+    """The distributed set-up of a run: the ranks' structures compared (:func:`check_same_structure`,
+    one all-gather), then rank 0's guide and model state broadcast to every rank."""
+    check_same_structure(training_structure(sites, guide, model), process_group)
+    broadcast_state(guide, process_group)
+    if isinstance(model, torch.nn.Module):
+        broadcast_state(model, process_group)
 
 
 def average_(tensors, process_group=None):
@@ -148,4 +172,6 @@ __all__ = [
     "check_same_active_sets",
     "is_distributed",
     "shared_seed",
+    "synchronise_start",
+    "training_structure",
 ]

@@ -16,10 +16,14 @@ ranks candidates by: the gradient of the data term alone,
 :class:`~pyro_ssvi.DataGradientMessenger` along the model's use of each sample, so
 Monte Carlo prior and entropy terms (``Trace_ELBO``, non-Normal priors) never enter
 the ranking. It is only kept on update iterations.
+
+:class:`SSVI` is a thin driver over named parts: :func:`training_model` wraps the model with
+the handlers a step needs, :class:`~pyro_ssvi.updater.SubspaceUpdater` makes the updates,
+:class:`~pyro_ssvi.finite.FiniteGuard` checks every step's loss and gradients, and
+:func:`~pyro_ssvi.distributed.synchronise_start` sets up a distributed run.
 """
 
 import contextlib
-import math
 
 import pyro
 import pyro.poutine as poutine
@@ -30,17 +34,13 @@ from pyro.infer.elbo import ELBO, ELBOModule
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
-from .criteria import RandomAddition, get_addition, get_removal, needs_gradient
-from .finite import NonFiniteLossError, gradient_max_abs, is_data_error
-from .distributed import (
-    average_, broadcast_state, check_same_active_sets, check_same_structure, describe_state, is_distributed, shared_seed,
-)
-from .guide import inverse_scale_transform, sparse_parts
+from .finite import FiniteGuard, NonFiniteLossError
+from .distributed import is_distributed, synchronise_start
+from .guide import sparse_parts
 from .batched import BatchedLayersMessenger
-from .handlers import DataGradientMessenger, SubspacePriorMessenger
-from .optim import adam_param_groups, fresh_adam_correction, permute_optimizer_state, reset_optimizer_state
+from .handlers import DataGradientMessenger, subspace_prior
 from .schedule import SwapSchedule
-from .subspace import select_swap
+from .updater import SubspaceUpdater
 
 
 #: Pyro's compiled ELBOs: they trace the loss once, with the active sets of that moment baked in
@@ -76,6 +76,53 @@ def check_loss(loss):
         )
 
 
+def normalise_loss(loss, optim):
+    """``(elbo, ddp)``: the Pyro ELBO inside ``loss`` (an ELBO, an ``ELBOModule`` or a
+    ``DistributedDataParallel`` around one) and the DDP wrapper or ``None``; ``ValueError`` naming the
+    argument for anything SSVI cannot train with ``optim``."""
+    ddp = None
+    if isinstance(loss, torch.nn.parallel.DistributedDataParallel):
+        if not isinstance(loss.module, ELBOModule):
+            raise ValueError(
+                "loss: a DistributedDataParallel loss must wrap Pyro's ELBOModule, "
+                f"DistributedDataParallel(Trace_ELBO()(model, guide)); it wraps {type(loss.module).__name__}"
+            )
+        if isinstance(optim, PyroOptim):
+            raise ValueError("optim: with a DistributedDataParallel loss pass a torch.optim optimiser over its parameters")
+        ddp, loss = loss, loss.module
+    if isinstance(loss, ELBOModule):
+        loss = loss.elbo
+    if not isinstance(loss, ELBO):
+        raise ValueError(f"loss: expected a pyro.infer ELBO (e.g. Trace_ELBO()), got {type(loss).__name__}")
+    check_loss(loss)
+    if not isinstance(optim, (PyroOptim, torch.optim.Optimizer)):
+        raise ValueError(f"optim: expected a pyro.optim optimiser or a torch.optim.Optimizer, got {type(optim).__name__}")
+    if isinstance(optim, PyroOptim) and pyro.settings.get("module_local_params"):
+        raise ValueError(
+            "optim: with pyro.settings module_local_params=True, Pyro's param store does not see module "
+            "parameters; pass a torch.optim optimiser over Trace_ELBO()(model, guide).parameters()"
+        )
+    return loss, ddp
+
+
+def training_model(model, guide, *, lrt=None, batched=None, data_gradient=None):
+    """The model as one SSVI step runs it, innermost first:
+
+    * priors restricted to the guide's active sets (:class:`~pyro_ssvi.SubspacePriorMessenger`);
+    * on update steps, ``data_gradient`` (a :class:`~pyro_ssvi.DataGradientMessenger`) records the
+      data term's dense gradient;
+    * ``lrt`` (a :class:`~pyro_ssvi.LocalReparameterizationMessenger`), scoped to the model's run;
+    * ``batched`` (a :class:`~pyro_ssvi.BatchedLayersMessenger`) for vectorised particles: LRT's
+      interception sits inside it, so it sees each layer call first.
+    """
+    model = subspace_prior(model, guide)
+    if data_gradient is not None:
+        model = data_gradient(model)
+    if lrt is not None:
+        model = lrt.scope_to(model)
+    return batched(model) if batched is not None else model
+
+
 class _CallModel(torch.nn.Module):
     """A callable (SSVI's wrapped model) as a module, to stand in for an ELBOModule's model."""
 
@@ -89,6 +136,11 @@ class _CallModel(torch.nn.Module):
 
 class SSVI:
     """Sparse Subspace Variational Inference: ``pyro.infer.SVI`` plus subspace updates.
+
+    It has ``SVI``'s interface (``step``, ``evaluate_loss``, ``model``, ``guide``, ``optim``,
+    ``loss``) but is not a subclass: ``SVI`` refuses ``torch.optim`` optimisers and steps the
+    optimiser right after the backward pass, where SSVI first averages the gradients over ranks
+    and checks them (:class:`~pyro_ssvi.finite.FiniteGuard`).
 
         >>> import pyro.distributions as dist
         >>> from pyro.nn import PyroModule, PyroSample
@@ -191,93 +243,73 @@ class SSVI:
             raise ValueError(
                 f"guide: expected a SparseSubspaceGuide or an AutoGuideList holding one, got {type(guide).__name__}"
             )
-        self._ddp = None
-        if isinstance(loss, torch.nn.parallel.DistributedDataParallel):
-            if not isinstance(loss.module, ELBOModule):
-                raise ValueError(
-                    "loss: a DistributedDataParallel loss must wrap Pyro's ELBOModule, "
-                    f"DistributedDataParallel(Trace_ELBO()(model, guide)); it wraps {type(loss.module).__name__}"
-                )
-            if isinstance(optim, PyroOptim):
-                raise ValueError("optim: with a DistributedDataParallel loss pass a torch.optim optimiser over its parameters")
-            self._ddp, loss = loss, loss.module
-        if isinstance(loss, ELBOModule):
-            loss = loss.elbo
-        if not isinstance(loss, ELBO):
-            raise ValueError(f"loss: expected a pyro.infer ELBO (e.g. Trace_ELBO()), got {type(loss).__name__}")
-        check_loss(loss)
-        if not isinstance(optim, (PyroOptim, torch.optim.Optimizer)):
-            raise ValueError(
-                f"optim: expected a pyro.optim optimiser or a torch.optim.Optimizer, got {type(optim).__name__}"
-            )
-        if isinstance(optim, PyroOptim) and pyro.settings.get("module_local_params"):
-            raise ValueError(
-                "optim: with pyro.settings module_local_params=True, Pyro's param store does not see module "
-                "parameters; pass a torch.optim optimiser over Trace_ELBO()(model, guide).parameters()"
-            )
-        self.schedule = SwapSchedule(total_steps, update_every, removal_fraction, stop_updates_at)
-        self.removal = get_removal(removal)
-        self.addition = get_addition(addition)
-        if isinstance(new_loc, bool) or not isinstance(new_loc, (int, float)) or not math.isfinite(new_loc):
-            raise ValueError(f"new_loc: expected a finite float, got {new_loc!r}")
-        if not (new_scale == "mean" or (isinstance(new_scale, (int, float)) and not isinstance(new_scale, bool) and new_scale > 0)):
-            raise ValueError(f"new_scale: expected 'mean' or a positive float, got {new_scale!r}")
-        self.new_loc, self.new_scale = float(new_loc), new_scale
-        if dense_grad_hook is not None and not callable(dense_grad_hook):
-            raise ValueError(f"dense_grad_hook: expected a callable (site, grad) -> grad, got {dense_grad_hook!r}")
-        self.dense_grad_hook = dense_grad_hook
-        if optimizer_reset not in ("fresh", "zero"):
-            raise ValueError(f"optimizer_reset: expected 'fresh' or 'zero', got {optimizer_reset!r}")
-        self.optimizer_reset = optimizer_reset
+        loss, self._ddp = normalise_loss(loss, optim)
+        self.updater = SubspaceUpdater(
+            SwapSchedule(total_steps, update_every, removal_fraction, stop_updates_at), removal, addition,
+            new_loc, new_scale, dense_grad_hook, optimizer_reset, process_group,
+        )
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
-        self._prior_model = SubspacePriorMessenger(guide)(model)
         # vectorised particles arrive as a leading batch dim of every weight: batched F.linear / F.conv*
         self._batched = BatchedLayersMessenger(model) if getattr(loss, "vectorize_particles", False) else None
         self.local_reparameterization = bool(local_reparameterization)
-        self._lrt = None
+        self.lrt = None
         if self.local_reparameterization:
             from .lrt import LocalReparameterizationMessenger
 
-            self._lrt = LocalReparameterizationMessenger()
-        self._model = self._wrap(self._prior_model)
-        self.history = []
+            self.lrt = LocalReparameterizationMessenger()
+        self._model = training_model(model, guide, lrt=self.lrt, batched=self._batched)
         self.process_group = process_group
         self.distributed = is_distributed(process_group)
+        self.guard = FiniteGuard(self.sparse_guides, guide, model, check_loss=not isinstance(loss, TraceTailAdaptive_ELBO),
+                                 process_group=process_group)
         self._synced = False
+
+    @property
+    def history(self):
+        """One record per subspace update so far (see :meth:`SubspaceUpdater.update`)."""
+        return self.updater.history
+
+    @property
+    def schedule(self):
+        return self.updater.schedule
 
     @property
     def step_count(self):
         """Steps taken so far (stored in the guide's ``ssvi_step`` buffer, so it is checkpointed)."""
         return int(self.sparse_guides[0].ssvi_step)
 
-    def _wrap(self, model):
-        # LRT's interception sits inside the batched layers', so it sees each call first
-        model = self._lrt.scope_to(model) if self._lrt is not None else model
-        return self._batched(model) if self._batched is not None else model
+    def sparse_sites(self):
+        """``(part, site name)`` for every sparse site of every sparse part."""
+        return [(g, name) for g in self.sparse_guides for name in g.sparse_site_names()]
 
     def _context(self):
-        return self._lrt if self._lrt is not None else contextlib.nullcontext()
+        return self.lrt if self.lrt is not None else contextlib.nullcontext()
 
     def step(self, *args, **kwargs):
         """One gradient step (and, on schedule, a subspace update). Returns the loss as a float
         (``inf`` under ``TraceTailAdaptive_ELBO``, which computes only a surrogate, as in ``pyro.infer.SVI``)."""
         t = self.step_count + 1
-        with self._guard(t):
-            self._setup(*args, **kwargs)
+        with self.guard.catching(t):
+            self.setup(*args, **kwargs)
+        sites = self.sparse_sites()
         if self.distributed and not self._synced:
-            self._sync_initial_state()
-        sparse = [name for _, name in self._sparse_sites()]
-        update = bool(sparse) and self.schedule.is_update_step(t)
+            synchronise_start(sites, self.guide, self.model, self.process_group)
+            if sites:  # random addition seeded alike on every rank, on the device candidates are scored
+                self.updater.seed_alike(sites[0][0].active_index(sites[0][1]).device)
+            self._synced = True
+        update = bool(sites) and self.updater.is_update_step(t)
         # on update steps the model is handed probed samples: the probes' gradient is the data term's
-        capture = DataGradientMessenger(sparse) if update and needs_gradient(self.addition) else None
-        model = self._wrap(capture(self._prior_model)) if capture is not None else self._model
-        with self._context(), self._guard(t):
+        capture = DataGradientMessenger([name for _, name in sites]) if update and self.updater.needs_gradient else None
+        model = self._model
+        if capture is not None:
+            model = training_model(self.model, self.guide, lrt=self.lrt, batched=self._batched, data_gradient=capture)
+        with self._context(), self.guard.catching(t):
             if isinstance(self.optim, PyroOptim):
                 with poutine.trace(param_only=True) as param_capture:
                     loss = self.loss.loss_and_grads(model, self.guide, *args, **kwargs)
                 # in trace (name) order, so that every rank all-reduces the same tensors in the same order
                 params = list(dict.fromkeys(site["value"].unconstrained() for site in param_capture.trace.nodes.values()))
-                self._checked_gradients(t, loss, params, average=self.distributed)
+                self.guard.checked_gradients(t, loss, params, average=self.distributed)
                 self.optim(params)
                 zero_grads(params)
             else:
@@ -288,16 +320,17 @@ class SSVI:
                     loss_t = self.loss.differentiable_loss(model, self.guide, *args, **kwargs)
                 loss_t.backward()
                 params = [p for g in self.optim.param_groups for p in g["params"]]
-                loss = self._checked_gradients(t, loss_t, params, average=self.distributed and self._ddp is None)
+                loss = self.guard.checked_gradients(t, loss_t, params, average=self.distributed and self._ddp is None)
                 self.optim.step()
-            self._after_optimizer_step()
+            self.updater.after_optimizer_step(sites, self.optim)
         if update:
-            self._update(t, capture.grads() if capture is not None else {})
+            self.updater.update(t, sites, capture.grads() if capture is not None else {}, self.optim)
         for guide in self.sparse_guides:
             guide.ssvi_step.add_(1)
         return loss
 
-    def _setup(self, *args, **kwargs):
+    def setup(self, *args, **kwargs):
+        """Set the guide (every sparse part) up on a batch, without a step; done by the first step anyway."""
         if all(g.is_setup for g in self.sparse_guides):
             return
         if self.guide is self.sparse_guides[0]:
@@ -321,213 +354,40 @@ class SSVI:
         finally:
             elbo_module.model = original
 
-    def _sync_initial_state(self):
-        """Distributed set-up: the ranks' structures compared, then rank 0's guide and model state
-        everywhere; random addition seeded alike."""
-        check_same_structure(self._structure(), self.process_group)
-        broadcast_state(self.guide, self.process_group)
-        if isinstance(self.model, torch.nn.Module):
-            broadcast_state(self.model, self.process_group)
-        sites = self._sparse_sites()
-        if sites and isinstance(self.addition, RandomAddition) and self.addition.generator is None:
-            guide, name = sites[0]
-            device = guide.active_index(name).device  # where candidates are scored
-            generator = torch.Generator(device)
-            generator.manual_seed(shared_seed(device, self.process_group))
-            self.addition = RandomAddition(generator)
-        self._synced = True
-
-    def _structure(self):
-        """What every rank must agree on before the first collective: each sparse site's shape and
-        active count, and the shape and dtype of every tensor of the guide's (and model's) state."""
-        out = {}
-        for guide, name in self._sparse_sites():
-            info = guide.site_info(name)
-            out[f"site {name!r}"] = f"{info.k} of {info.numel} entries active, shape {tuple(info.shape)}"
-        out.update(describe_state(self.guide, "guide tensor "))
-        if isinstance(self.model, torch.nn.Module):
-            out.update(describe_state(self.model, "model tensor "))
-        return out
-
-    def _sparse_sites(self):
-        """``(part, site name)`` for every sparse site of every sparse part."""
-        return [(g, name) for g in self.sparse_guides for name in g.sparse_site_names()]
-
-    def _after_optimizer_step(self):
-        """With ``optimizer_reset="fresh"``, refilled slots under Adam step like a fresh Adam."""
-        if self.optimizer_reset != "fresh" or not self.history:  # nothing refilled yet
-            return
-        groups = adam_param_groups(self.optim)
-        if not groups:
-            return
-        for guide, name in self._sparse_sites():
-            params = (guide.loc(name), guide.unconstrained_scale(name))
-            fresh_adam_correction(self.optim, params, guide.entry_births(name), groups)
-
     def differentiable_loss(self, *args, **kwargs):
         """The loss SSVI optimises, as a differentiable tensor, without a step or update.
 
         The same model SSVI trains: priors restricted to the active sets, local
         reparameterisation and batched layers (vectorised particles) as configured.
         """
-        with self._guard(self.step_count + 1):
-            self._setup(*args, **kwargs)
+        with self.guard.catching(self.step_count + 1):
+            self.setup(*args, **kwargs)
         with self._context():
             return self.loss.differentiable_loss(self._model, self.guide, *args, **kwargs)
 
     def evaluate_loss(self, *args, **kwargs):
         """The loss on ``args`` without a gradient step or update."""
-        self._setup(*args, **kwargs)
+        self.setup(*args, **kwargs)
         with torch.no_grad(), self._context():
             return float(self.loss.loss(self._model, self.guide, *args, **kwargs))
 
-    def _non_finite_sites(self, params=()):
-        """Names of what is not finite: sparse sites' parameters and gradients, other guide parts'
-        parameters, and the gradients of ``params`` (the step's parameters) named where they can be."""
-        bad = []
-        for guide in self.sparse_guides:
-            if not guide.is_setup:
-                continue
-            for name in guide.site_names:
-                for what, p in (("loc", guide.loc(name)), ("scale", guide.unconstrained_scale(name))):
-                    if not torch.isfinite(p).all():
-                        bad.append(f"{name} ({what})")
-                    elif p.grad is not None and not torch.isfinite(p.grad).all():
-                        bad.append(f"{name} ({what} gradient)")
-                with torch.no_grad():
-                    if torch.isfinite(guide.unconstrained_scale(name)).all() and not (guide.scale(name) > 0).all():
-                        bad.append(f"{name} (scale underflowed to 0)")
-        known = {id(p) for g in self.sparse_guides for p in g.parameters()}
-        names = self._parameter_names()
-        for p in params:
-            if id(p) not in known and p.grad is not None and not torch.isfinite(p.grad).all():
-                bad.append(f"{names.get(id(p), 'an unnamed parameter')} (gradient)")
-                known.add(id(p))
-        other = [n for n, p in self.guide.named_parameters() if id(p) not in known and not torch.isfinite(p).all()]
-        return bad + [f"{n} (other guide part)" for n in other]
-
-    def _parameter_names(self):
-        """``{id(parameter): name}`` for the guide's, the model's and Pyro's param store's parameters."""
-        names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
-        if isinstance(self.model, torch.nn.Module):
-            names.update({id(p): f"model {n}" for n, p in self.model.named_parameters()})
-        names.update({id(p): f"guide {n}" for n, p in self.guide.named_parameters()})
-        return names
-
-    def _fail(self, t, what, cause=None, params=()):
-        bad = self._non_finite_sites(params)
-        if bad:
-            where = f"non-finite: {', '.join(bad)}. Training stopped; lower the learning rate or check the model and data"
-        else:
-            where = ("every guide parameter and gradient is finite, so the model or the data produced it: check "
-                     "the inputs and the model's computation. Training stopped")
-        raise NonFiniteLossError(f"step {t}: {what}; {where} (no parameter was changed by this step)") from cause
-
-    def _checked_gradients(self, t, loss, params, average):
-        """Average the gradients over ranks (when ``average``), then make sure that the loss and every
-        gradient are finite before the optimiser may use them (one fused reduction, one synchronisation).
-
-        Returns this rank's loss as a float. On a non-finite value the gradients are cleared and
-        :class:`NonFiniteLossError` names the step and the sites; the parameters are unchanged. Under
-        ``torch.distributed`` the check reads the averaged values, so every rank decides alike.
-        """
-        grads = [p.grad for p in params if p.grad is not None]
-        check_loss = not isinstance(self.loss, TraceTailAdaptive_ELBO)  # it reports a surrogate's loss as inf
-        local = loss.detach().reshape(1) if torch.is_tensor(loss) else torch.tensor([float(loss)])
-        shared = local.to(grads[0], copy=True) if grads else local.clone()
-        if average:  # the loss travels in the gradients' bucket: no extra collective
-            average_(grads + [shared], self.process_group)
-        # one transfer: the gradients' largest magnitude, the (averaged) loss and this rank's loss
-        grad_max, shared_loss, value = torch.stack(
-            [gradient_max_abs(grads).to(local).reshape(()), shared.to(local).reshape(()), local.reshape(())]
-        ).tolist()
-        lost = check_loss and not math.isfinite(shared_loss)
-        if lost or not math.isfinite(grad_max):
-            try:
-                self._fail(t, f"the loss is {value}" if lost else "a gradient is not finite", params=params)
-            finally:
-                for p in params:
-                    p.grad = None
-        return value
-
-    @contextlib.contextmanager
-    def _guard(self, t):
-        """Turn Pyro's validation errors about non-finite parameters into a :class:`NonFiniteLossError`;
-        data errors (an observed value outside its support) and every other error pass unchanged."""
-        try:
-            yield
-        except ValueError as e:
-            if "invalid values" not in str(e) or is_data_error(e):
-                raise
-            self._fail(t, "a distribution got non-finite values: " + str(e).splitlines()[0], e)
-
-    @torch.no_grad()
-    def _update(self, t, grads):
-        record = {"step": t, "fraction": self.schedule.fraction(t), "scheduled": {}, "swapped": {}, "abs_mean_overlap": {}}
-        if self.distributed:  # one bucketed all-reduce, in site order (the same on every rank)
-            average_([grads[name] for _, name in self._sparse_sites() if name in grads], self.process_group)
-        for guide, name in self._sparse_sites():
-            info = guide.site_info(name)
-            n = self.schedule.num_swaps(info.k, t)
-            record["scheduled"][name] = n
-            record["swapped"][name] = 0
-            if n == 0:
-                continue
-            loc, rho, index = guide.loc(name), guide.unconstrained_scale(name), guide.active_index(name)
-            scores = self.removal(loc.detach(), guide.transform_scale(rho.detach()))
-            if not torch.is_tensor(scores) or scores.shape != loc.shape:
-                raise ValueError(f"removal: the criterion returned shape {getattr(scores, 'shape', None)} for site {name!r}, expected {tuple(loc.shape)}")
-            grad = grads.pop(name, None)  # released after this site: one dense gradient alive at a time
-            if grad is not None and self.dense_grad_hook is not None:
-                grad = self.dense_grad_hook(name, grad)
-            if grad is None and needs_gradient(self.addition):
-                raise RuntimeError(
-                    f"site {name!r}: no dense gradient was recorded on step {t}; the model does not use the "
-                    "sampled value differentiably. Use addition='random' for such sites."
-                )
-            decision = select_swap(index, scores, n, info.numel, lambda cand: self.addition(grad, cand),
-                                   overwrite_scores=getattr(self.addition, "fresh_scores", False))
-            abs_removed = index[torch.topk(loc.abs(), n, largest=False, sorted=False).indices]
-            overlap = torch.isin(decision.removed, abs_removed).sum().item() / n
-            if self.new_scale == "mean":
-                new_rho = rho.mean()
-            else:
-                new_rho = inverse_scale_transform(self.new_scale, guide.scale_transform).to(rho)
-            # slots stay in the sparse kernels' (row-major) order: the optimiser state, reset at the refilled
-            # slots (numbered as before the update), follows the guide's reordering
-            perm = guide.replace_entries(name, decision.positions, decision.new_index, self.new_loc, new_rho, step=t, sort=True)
-            reset_optimizer_state(self.optim, (loc, rho), decision.positions)
-            if perm is not None:
-                permute_optimizer_state(self.optim, (loc, rho), perm)
-            record["swapped"][name] = int(decision.positions.numel())
-            record["abs_mean_overlap"][name] = overlap
-        self.history.append(record)
-        if self.distributed:
-            check_same_active_sets({name: g.active_index(name) for g, name in self._sparse_sites()}, t, self.process_group)
-
     def replaced_fraction(self):
-        """Entries that actually changed over entries scheduled to swap, over all updates so far.
-
-        An entry removed and re-added in the same update is scheduled but not replaced; a
-        value near 0 means the addition criterion keeps choosing what removal just took out.
-        Returns ``nan`` before the first update that schedules a swap.
-        """
-        scheduled = sum(sum(h.get("scheduled", {}).values()) for h in self.history)
-        swapped = sum(sum(h["swapped"].values()) for h in self.history)
-        return swapped / scheduled if scheduled else float("nan")
+        """Entries that actually changed over entries scheduled to swap, over all updates so far
+        (:meth:`SubspaceUpdater.replaced_fraction`)."""
+        return self.updater.replaced_fraction()
 
     def state_dict(self):
         """SSVI's own state: the update history and which sites use local reparameterisation.
 
         The step counter and active sets live in the guide's ``state_dict()``.
         """
-        lrt = dict(self._lrt.eligible) if self._lrt is not None else {}
-        return {"history": list(self.history), "lrt_eligible": lrt}
+        lrt = dict(self.lrt.eligible) if self.lrt is not None else {}
+        return {**self.updater.state_dict(), "lrt_eligible": lrt}
 
     def load_state_dict(self, state):
-        self.history = list(state["history"])
-        if self._lrt is not None:
-            self._lrt.eligible.update(state.get("lrt_eligible", {}))
+        self.updater.load_state_dict(state)
+        if self.lrt is not None:
+            self.lrt.eligible.update(state.get("lrt_eligible", {}))
 
 
 __all__ = [
@@ -535,4 +395,6 @@ __all__ = [
     "NonFiniteLossError",
     "SSVI",
     "check_loss",
+    "normalise_loss",
+    "training_model",
 ]

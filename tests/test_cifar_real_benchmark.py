@@ -116,7 +116,8 @@ def fake_result(key, seed):
     return {"test_accuracy": both(base), "test_nll": both(0.6), "test_ece": both(0.03), "test_brier": both(0.3), "test_aurc": both(0.05),
             "shift": {"network": shift} if key == "deterministic" else {"mc": shift, "posterior_mean": shift},
             "active_params": 100000 if key.startswith("ssvi") else 1000000, "dense_params": 1000000, "guide_bytes": 4000 + seed,
-            "seconds": 600.0 + 60 * seed, "train_flops_per_step": 1.5e10}
+            "seconds": 600.0 + 60 * seed, "train_flops_per_step": 1.5e10,
+            "epoch_log": [{"epoch": 1, "seconds": 300.0}, {"epoch": 2, "seconds": 100.0 + 2 * seed}, {"epoch": 3, "seconds": 90.0}]}
 
 
 def test_report_from_finished_runs(bench, tmp_path):
@@ -134,7 +135,7 @@ def test_report_from_finished_runs(bench, tmp_path):
     md = (tmp_path / "results" / "cifar_real.md").read_text()
     payload = json.loads((tmp_path / "results" / "cifar_real.json").read_text())
     assert (tmp_path / "results" / "cifar_real.png").stat().st_size > 1000
-    assert "JPEG copy" in md and "width 16" in md and "5 epochs" in md
+    assert "JPEG copy" in md and "width 8" in md and "5 epochs" in md
     for label in ("deterministic", "dense VI", "SSVI 0.1", "SSVI 0.05"):
         assert f"| {label} |" in md
     ssvi = next(line for line in md.splitlines() if line.startswith("| SSVI 0.1 |"))
@@ -142,6 +143,7 @@ def test_report_from_finished_runs(bench, tmp_path):
     assert cells[1] == "2" and cells[2] == "79.50 ± 0.71"  # accuracy of the MC predictive, mean ± sd of 2 seeds
     assert cells[7] == "55.50 ± 0.71" and cells[10].startswith("0.170")  # shift accuracy at severity 3, ECE at 5
     assert cells[11] == "100,000" and cells[13] == "10.5 ± 0.7"
+    assert cells[14] == "101 ± 1"  # the median epoch (one slow epoch of 300 s does not move it)
     det = next(line for line in md.splitlines() if line.startswith("| deterministic |"))
     assert "80.00" in det and "±" not in det.split("|")[3]
     assert payload["results"]["missing"] == [] and len(payload["results"]["runs"]) == 7

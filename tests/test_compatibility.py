@@ -139,7 +139,7 @@ def test_combination(elbo, prior, guide_kind, particles, lrt):
         assert int(after.sum()) == sparse.site_info(name).k
         assert (after != before[name]).any(), f"{name}: the active set never changed"
     if lrt:  # local reparameterisation really in use for the sparse weights
-        assert all(svi._lrt.eligible.get(name) for name in WEIGHTS), svi._lrt.eligible
+        assert all(svi.lrt.eligible.get(name) for name in WEIGHTS), svi.lrt.eligible
 
 
 # --- the README table ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoLowRankMultivaria
 from pyro.nn import PyroModule, PyroSample
 from torch.distributions import kl_divergence
 
-from pyro_ssvi import SSVI, SparseNormal, SparseSubspaceGuide, SubspacePrior
+from pyro_ssvi import SSVI, SparseNormal, SparseSubspaceGuide, SubspacePrior, subspace_prior
 from pyro_ssvi.guide import sparse_parts
 
 
@@ -185,7 +185,7 @@ def test_hierarchical_prior_follows_the_scale_sample_each_step():
     svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO(), total_steps=10)
     svi.differentiable_loss(x, y)
     guide_tr = pyro.poutine.trace(guide).get_trace(x, y)
-    model_tr = pyro.poutine.trace(pyro.poutine.replay(svi._prior_model, guide_tr)).get_trace(x, y)
+    model_tr = pyro.poutine.trace(pyro.poutine.replay(subspace_prior(model, guide), guide_tr)).get_trace(x, y)
     fn = model_tr.nodes["fc1.weight"]["fn"]
     assert isinstance(fn, SubspacePrior)
     tau, lam = guide_tr.nodes["tau"]["value"], guide_tr.nodes["lam"]["value"]

@@ -10,7 +10,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 
 from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
-from pyro_ssvi.lrt import _Entry
+from pyro_ssvi.lrt import weight_moments
 
 
 def gaussian_init(site):
@@ -198,8 +198,7 @@ def test_sparse_moments_are_weight_sized():
     x = torch.randn(2, 2, 5, 5)
     guide(x)
     fn = guide.get_posterior("conv.weight")
-    handler = LocalReparameterizationMessenger()
-    mean_w, var_w = handler._moments(_Entry(None, "conv.weight", fn), torch.empty(3, 2, 3, 3))
+    mean_w, var_w = weight_moments(fn, torch.empty(3, 2, 3, 3))
     assert mean_w.shape == var_w.shape == (3, 2, 3, 3)
     assert (var_w[~guide.active_mask("conv.weight")] == 0).all()
 
@@ -217,7 +216,11 @@ def test_ssvi_with_lrt_trains_updates_and_checkpoints_eligibility():
     assert losses[-1] < losses[0]
     assert len(svi.history) == 4 and svi.history[0]["swapped"]["fc1.weight"] > 0
     assert svi.state_dict()["lrt_eligible"] == {"fc1.weight": True, "fc2.weight": True}
-    assert svi._lrt._model_scoped and svi._lrt._mode is None  # interception only while the model runs
+    # interception only while the model runs: inside SSVI's context a layer call outside the model is plain
+    w = torch.randn(3, 10)
+    with svi.lrt:
+        inside = torch.nn.functional.linear(x, w)
+    assert torch.equal(inside, torch.nn.functional.linear(x, w))
 
 
 def test_scope_to_intercepts_inside_the_model_only():
@@ -302,7 +305,7 @@ def test_handler_is_reentrant_and_a_failed_enter_leaves_nothing_installed(monkey
     with pytest.raises(RuntimeError, match="no room"):
         with handler:
             pass
-    assert handler not in _PYRO_STACK and modes() == base and handler._ref_count == 0
+    assert handler not in _PYRO_STACK and modes() == base and not handler.active
     monkeypatch.undo()
     with handler:  # usable again
         assert _PYRO_STACK.count(handler) == 1

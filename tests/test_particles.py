@@ -190,7 +190,7 @@ def test_vectorised_loss_and_gradients_equal_the_mean_of_sequential_passes(monke
         for i, g in enumerate(torch.autograd.grad(loss_p, params, allow_unused=True)):
             grads_s[i] = grads_s[i] + (0.0 if g is None else g / P)
     if lrt:
-        assert vec._lrt.eligible and all(vec._lrt.eligible.values())
+        assert vec.lrt.eligible and all(vec.lrt.eligible.values())
     torch.testing.assert_close(loss_v.detach(), loss_s, rtol=1e-10, atol=1e-10)
     for gv, gs in zip(grads_v, grads_s):
         torch.testing.assert_close(gv if gv is not None else torch.zeros_like(gs), gs, rtol=1e-9, atol=1e-10)

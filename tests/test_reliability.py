@@ -53,7 +53,7 @@ def same(a, b):
 def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing(optim_kind, elbo, lrt):
     # a scale of 1e-20 underflows in the gradient of log sigma while the loss stays finite
     model, guide, svi, x, y = make(optim_kind, elbo(), lrt=lrt, init_scale=1e-20)
-    svi._setup(x, y)  # noqa: SLF001 (set up, so there is a state to compare)
+    svi.setup(x, y)  # set up, so there is a state to compare
     before = tensors(guide), tensors(model)
     for attempt in range(2):  # the first error left nothing behind: the second step fails alike
         with pytest.raises(NonFiniteLossError, match=r"step 1: .*gradient.*fc[12]\.weight .*no parameter was changed"):

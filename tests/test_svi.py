@@ -93,7 +93,7 @@ def test_updates_keep_slots_in_row_major_order_and_state_follows_its_entry(digit
         return {int(i): tuple(float(c[j]) for c in columns) for j, i in enumerate(guide.active_index(name).tolist())}
 
     before = {name: per_entry(name) for name in guide.site_names}
-    svi._update(15, {})
+    svi.updater.update(15, svi.sparse_sites(), {}, svi.optim)
     moved = 0
     for name in guide.site_names:
         index = guide.active_index(name)
@@ -115,7 +115,7 @@ def test_new_scale_mean_uses_the_sites_mean_rho(digits):
         svi.step(Xtr[:64], ytr[:64])
     rho_mean = {n: guide.unconstrained_scale(n).mean().item() for n in guide.site_names}
     before = {n: guide.active_index(n).clone() for n in guide.site_names}
-    svi._update(5, {})
+    svi.updater.update(5, svi.sparse_sites(), {}, svi.optim)
     for name in guide.site_names:
         changed = ~torch.isin(guide.active_index(name), before[name])  # the new entries
         assert changed.any()
