@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, add_optimizer_reset_flag, markdown_table, mean_std, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 METHODS = [("deterministic", None), ("dense VI", 1.0), ("SSVI 0.5", 0.5), ("SSVI 0.2", 0.2), ("SSVI 0.1", 0.1), ("SSVI 0.05", 0.05)]

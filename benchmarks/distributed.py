@@ -22,7 +22,7 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

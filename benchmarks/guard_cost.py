@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from common import markdown_table, write_results  # noqa: E402
 from cost import MODELS, build  # noqa: E402
-from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
 
 
 def measure(model_name, device, repeats, width):

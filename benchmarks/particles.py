@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 from digits import data, make_net  # noqa: E402
 

@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 #: CIFAR ResNet-18 3x3 convolutions (channels, spatial size) at base width 64, batch 32

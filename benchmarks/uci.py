@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, add_optimizer_reset_flag, markdown_table, mean_se, pyplot, run_parallel, save_figure, write_results  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "uci"

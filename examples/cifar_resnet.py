@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_ssvi import SSVI, SparseSubspaceGuide
-from pyro_ssvi.cli import ArgumentParser, run_main
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main
 from pyro_ssvi.criteria import REMOVAL_CRITERIA
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes, tensor_bytes
 from pyro_ssvi.distributed import average_, broadcast_state
@@ -478,7 +478,7 @@ def save_plots(out_path, test_prediction, y, ood_predictions):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pyro_ssvi.metrics import plot_reliability, plot_uncertainty_histograms
+    from pyro_ssvi.scripts.plots import plot_reliability, plot_uncertainty_histograms
 
     kind = primary(test_prediction)
     probs = test_prediction[kind].mean(0)

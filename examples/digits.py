@@ -18,7 +18,7 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 
 from pyro_ssvi import SSVI, SparseSubspaceGuide
-from pyro_ssvi.cli import ArgumentParser, run_main
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main
 from pyro_ssvi.cost import guide_state_bytes
 from pyro_ssvi.metrics import classification_report, mc_predict
 
@@ -93,7 +93,7 @@ def plot_reliability_diagrams(path, probs_by_density, y):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pyro_ssvi.metrics import plot_reliability
+    from pyro_ssvi.scripts.plots import plot_reliability
 
     n = len(probs_by_density)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)

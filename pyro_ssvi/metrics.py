@@ -6,7 +6,7 @@ Classification (``probs``: predictive class probabilities, shape ``(N, C)``; ``y
   :math:`\sum_c (p_c - 1[y=c])^2`),
 * :func:`ece`: expected calibration error with 15 equal-width bins on the top-label confidence,
   :math:`\sum_b \frac{|B_b|}{N} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`, and
-  :func:`reliability_diagram` (the per-bin data behind it; :func:`plot_reliability` draws it).
+  :func:`reliability_diagram` (the per-bin data behind it; :func:`pyro_ssvi.scripts.plots.plot_reliability` draws it).
 * :func:`fit_temperature` / :func:`apply_temperature`: post-hoc temperature scaling (Guo et al.
   2017), one temperature fitted on validation logits or on an MC predictive's probabilities.
 
@@ -15,7 +15,7 @@ Uncertainty from MC samples (``sample_probs``: ``(S, N, C)``):
 * :func:`predictive_entropy` :math:`H[\bar p]`, :func:`mutual_information`
   :math:`H[\bar p] - \frac1S \sum_s H[p_s]` (the epistemic part),
 * :func:`ood_metrics`: AUROC, AUPR (out-of-distribution = positive class) and FPR at 95% TPR
-  from any score that is higher for OOD inputs; :func:`plot_uncertainty_histograms` draws the
+  from any score that is higher for OOD inputs; :func:`pyro_ssvi.scripts.plots.plot_uncertainty_histograms` draws the
   score distributions.
 
 Selective prediction (reject the most uncertain inputs, by default those with the lowest
@@ -90,42 +90,6 @@ def ece(probs, y, n_bins=15):
     nonempty = d["counts"] > 0
     gaps = (d["accuracy"][nonempty] - d["confidence"][nonempty]).abs()
     return (d["counts"][nonempty] * gaps).sum().item() / d["counts"].sum().item()
-
-
-def plot_reliability(probs, y, ax=None, n_bins=15, label=None):
-    """Draw a reliability diagram with matplotlib; returns the axes."""
-    import matplotlib.pyplot as plt
-
-    d = reliability_diagram(probs, y, n_bins)
-    ax = ax or plt.gca()
-    centers = (d["edges"][:-1] + d["edges"][1:]) / 2
-    ax.bar(centers.cpu().numpy(), torch.nan_to_num(d["accuracy"]).cpu().numpy(), width=1 / n_bins, alpha=0.6, edgecolor="k", label=label)
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"ECE = {ece(probs, y, n_bins):.3f}")
-    return ax
-
-
-def plot_uncertainty_histograms(scores, ax=None, bins=30, xlabel="predictive entropy"):
-    """Overlaid normalised histograms of an uncertainty score, one per data set; returns the axes.
-
-    :param dict scores: ``{label: 1-D tensor of scores}``, e.g. in-distribution and each OOD set.
-    """
-    import matplotlib.pyplot as plt
-
-    ax = ax or plt.gca()
-    values = {k: torch.as_tensor(v).double().reshape(-1) for k, v in scores.items()}
-    present = [v for v in values.values() if v.numel()]
-    lo = min(float(v.min()) for v in present) if present else 0.0
-    hi = max(float(v.max()) for v in present) if present else 1.0
-    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1).cpu().numpy()  # shared bins over all sets
-    for label, v in values.items():
-        ax.hist(v.detach().cpu().numpy(), bins=edges, density=True, alpha=0.5, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.legend()
-    return ax
 
 
 def _sorted_correct(probs, y, confidence):
@@ -480,8 +444,6 @@ __all__ = [
     "nll",
     "ood_metrics",
     "ood_report",
-    "plot_reliability",
-    "plot_uncertainty_histograms",
     "predictive_entropy",
     "reliability_diagram",
     "rmse",

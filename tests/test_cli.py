@@ -1,7 +1,7 @@
 import pytest
 
 from pyro_ssvi import NonFiniteLossError
-from pyro_ssvi.cli import ArgumentParser, run_main
+from pyro_ssvi.scripts.cli import ArgumentParser, run_main
 
 
 class Oops(Exception):
@@ -48,7 +48,7 @@ def test_run_main_runtime_errors_exit_1(capsys):
 
 
 def test_output_file_problems(tmp_path):
-    from pyro_ssvi.cli import output_file_problem
+    from pyro_ssvi.scripts.cli import output_file_problem
 
     (tmp_path / "f").write_text("x")
     assert output_file_problem(str(tmp_path / "new" / "r.json")) is None and (tmp_path / "new").is_dir()
@@ -68,3 +68,20 @@ def test_parser_refuses_unwritable_or_clashing_files(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("tool: error: --")
     p.check_image_file("--plot", str(tmp_path / "x.PNG"))  # matplotlib's own file types, any case
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``script | head``: the reader stops early; the script exits 141 without a traceback."""
+    import subprocess
+    import sys
+
+    code = ("from pyro_ssvi.scripts.cli import run_main\n"
+            "def main(argv):\n"
+            "    for i in range(200000):\n"
+            "        print('line', i)\n"
+            "run_main(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader is gone
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and err == "", err

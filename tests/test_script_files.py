@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pyro_ssvi.cli import run_main
+from pyro_ssvi.scripts.cli import run_main
 
 from conftest import load_script
 
@@ -113,7 +113,7 @@ def test_the_shift_plot_is_checked_up_front_too(tmp_path, capsys, cifar, no_data
 
 
 def test_an_unwritable_folder_is_found_by_a_probe_file(tmp_path, capsys, cifar, no_data, monkeypatch):
-    import pyro_ssvi.cli as cli
+    import pyro_ssvi.scripts.cli as cli
 
     def denied(**kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

@@ -80,14 +80,19 @@ def run_main(main, argv=None, usage_errors=(), runtime_errors=()):
 
     ``usage_errors`` are exception types the user can fix by changing the command (exit 2);
     ``runtime_errors`` are failures of the run itself, such as a full disk, and a
-    :class:`~pyro_ssvi.NonFiniteLossError` is one too (exit 1); Ctrl-C exits 130.
+    :class:`~pyro_ssvi.NonFiniteLossError` is one too (exit 1); Ctrl-C exits 130, and output
+    piped into a reader that stopped early (``| head``) ends quietly with 141, as a shell's SIGPIPE.
     """
-    from .svi import NonFiniteLossError
+    from ..finite import NonFiniteLossError
 
     try:
         main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader is gone: point stdout at /dev/null so that Python's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except tuple(usage_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
