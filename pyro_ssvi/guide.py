@@ -14,6 +14,15 @@ and nothing of dense size: the prototype trace Pyro's autoguides keep (a full co
 of every weight) is dropped after set-up. Samples are drawn from
 :class:`~pyro_ssvi.distributions.SparseNormal`, exactly zero off the active set.
 
+A latent inside a (non-subsampled) ``pyro.plate``, e.g. per-task weights of batch shape
+``B = (T,)`` and event shape ``E = (H, D)``, has the coordinate set ``B + E``: ``d = T H D``,
+``k = round(density * d)`` active entries over the whole site (not per task), the same
+criteria and updates as a global site, and its samples, ``median()`` and ``quantiles()`` have
+the shapes ``AutoNormal`` gives it. The guide samples it inside the same plates, from a
+:class:`~pyro_ssvi.distributions.SparseNormal` of batch shape ``B``, so every ELBO scales and
+sums one term per batch element (the subspace ELBO of Li, Miao, Qiu, Zhang, ICLR 2024, arXiv 2402.11025,
+unchanged, only partitioned by batch element).
+
 The parameter tensors keep their size for the whole run: a subspace update
 rewrites slots in place (:meth:`SparseSubspaceGuide.replace_entries`), so the
 optimiser keeps tracking the same tensors and ``state_dict()`` (which includes the
@@ -21,6 +30,7 @@ indices and the ``ssvi_step`` counter) is a complete checkpoint. Every piece of
 state is an ordinary buffer or parameter, so ``torch.distributed`` can broadcast it.
 """
 
+import contextlib
 import functools
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -51,13 +61,25 @@ def init_to_normal(site=None, std=0.01):
 
 
 class _Site(NamedTuple):
+    """A site's coordinate set: ``shape`` is ``batch_shape + event shape``; ``batch_shape`` is the
+    plate batch of a plate-local site (``()`` for a global one)."""
+
     shape: torch.Size
     numel: int
     k: int
+    batch_shape: torch.Size = torch.Size()
 
     @property
     def full(self):
         return self.k == self.numel
+
+    @property
+    def event_shape(self):
+        return self.shape[len(self.batch_shape) :]
+
+    @property
+    def plate_local(self):
+        return len(self.batch_shape) > 0
 
 
 def _index_dtype(numel):
@@ -108,8 +130,10 @@ class SparseSubspaceGuide(AutoGuide):
         >>> pyro.clear_param_store()  # guides of one class share names in Pyro's param store
 
     :param callable model: a Pyro model (typically a ``PyroModule`` BNN with
-        ``PyroSample`` priors). Every latent site must be real-valued with batch
-        shape ``()`` (write priors as ``Normal(0, 1).expand(shape).to_event(n)``).
+        ``PyroSample`` priors). Every latent site must be real-valued, with its own dims as event
+        dims (write priors as ``Normal(0, 1).expand(shape).to_event(n)``) and batch dims only from
+        enclosing ``pyro.plate`` s that are not subsampled (plate-local latents, e.g. per-task
+        weights: the whole ``plate batch + event`` shape is then the site's coordinate set).
     :param density: fraction of each site's coordinates that are random variables:
         a float in ``(0, 1]`` for every site, or a mapping ``site name -> density``
         (sites it does not name are dense, density 1).
@@ -248,13 +272,15 @@ class SparseSubspaceGuide(AutoGuide):
         self.unconstrained_scales = PyroModule()
         self.indices = PyroModule()
         self.births = PyroModule()
+        self._site_frames = {}  # site -> names of the vectorised plates it is local to (entered by forward)
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             fn = site["fn"]
             if not _is_real(fn.support):
                 raise ValueError(_unsupported_support_message(name, fn.support))
+            frames = ()
             if fn.batch_shape != torch.Size():
-                raise ValueError(_batch_shape_message(name, site))
-            shape = fn.event_shape
+                frames = _plate_local_frames(name, site)  # or ValueError: dims outside plates, subsampled plates
+            shape = fn.batch_shape + fn.event_shape
             numel = shape.numel()
             density = self._site_density(name)
             k = numel if density >= 1.0 else min(numel, max(1, int(round(density * numel))))
@@ -281,7 +307,8 @@ class SparseSubspaceGuide(AutoGuide):
             _deep_set(self.births, name, torch.zeros(0 if k == numel else k, dtype=torch.int32, device=device), buffer=True)
             _deep_set(self.locs, name, torch.nn.Parameter(loc))
             _deep_set(self.unconstrained_scales, name, torch.nn.Parameter(_inverse_transform(scale, self.scale_transform)))
-            sites[name] = _Site(shape, numel, k)
+            sites[name] = _Site(shape, numel, k, fn.batch_shape)
+            self._site_frames[name] = frames
         if not sites:
             raise ValueError("model: it has no latent sample site (no PyroSample prior) for the guide to fit")
         unknown = (set(self._density) if isinstance(self._density, dict) else set()) | self._dense_sites
@@ -384,14 +411,15 @@ class SparseSubspaceGuide(AutoGuide):
         """The site's :class:`~pyro_ssvi.distributions.SparseNormal`."""
         info = self.site_info(name)
         index = None if info.full else self.active_index(name)
-        return SparseNormal(self.loc(name), self.scale(name), index, info.shape, pattern=self.kernel_pattern(name))
+        return SparseNormal(self.loc(name), self.scale(name), index, info.shape, pattern=self.kernel_pattern(name),
+                            event_dim=len(info.event_shape))
 
     def kernel_pattern(self, name):
         """The site's :class:`~pyro_ssvi.kernels.LinearPattern` (rebuilt when its active set has changed),
         or ``None`` when the site runs dense (see ``sparse_kernels``)."""
         info = self.site_info(name)
         choice = self._site_kernel_choice(name)
-        if info.full or len(info.shape) != 2 or choice is False or torch.jit.is_tracing():
+        if info.full or info.plate_local or len(info.shape) != 2 or choice is False or torch.jit.is_tracing():
             return None  # under torch.jit tracing: the dense path (same values; no timing inside a trace)
         index = self.active_index(name)
         pattern = self._patterns.get(name)
@@ -473,15 +501,26 @@ class SparseSubspaceGuide(AutoGuide):
             )
         if self._sites is None:
             self._setup_prototype(*args, **kwargs)
-        self._create_plates(*args, **kwargs)  # create_plates: the guide draws the plates' subsamples, as AutoNormal
+        plates = self._create_plates(*args, **kwargs)  # create_plates: the guide draws the plates' subsamples, as AutoNormal
         result = {}
         for name in self._sites:
-            result[name] = pyro.sample(name, self.get_posterior(name))
+            frames = getattr(self, "_site_frames", {}).get(name, ())
+            if not frames:
+                result[name] = pyro.sample(name, self.get_posterior(name))
+                continue
+            with contextlib.ExitStack() as stack:  # a plate-local site is drawn inside its plates, as in the model
+                for frame in frames:
+                    plate = plates[frame]
+                    if plate.subsample_size != plate.size:
+                        raise ValueError(_subsampled_message(name, frame, plate.subsample_size, plate.size))
+                    stack.enter_context(plate)
+                result[name] = pyro.sample(name, self.get_posterior(name))
         return result
 
     @torch.no_grad()
     def median(self, *args, **kwargs):
-        """Posterior median (= mean) of every site as a dense tensor, exact zeros off the active set."""
+        """Posterior median (= mean) of every site as a dense tensor, exact zeros off the active set
+        (a plate-local site: its whole ``plate batch + event`` shape, as ``AutoNormal.median``)."""
         self._require_setup("median")
         return {name: self.get_posterior(name).mean.detach().clone() for name in self._sites}
 
@@ -725,17 +764,49 @@ def _unsupported_support_message(name, support):
     )
 
 
-def _batch_shape_message(name, site):
-    """Why a site with a batch shape cannot be sparse: a plate-local latent, or dims not declared as event dims."""
+def _plate_local_frames(name, site):
+    r"""Names of the vectorised plates a site with a batch shape is local to, or ``ValueError``.
+
+    Every batch dim of size above 1 must be the dim of an enclosing ``pyro.plate`` of that size
+    (size-1 dims are broadcasting); the site's coordinate set is then ``batch + event`` shape.
+    Refused: a batch shape outside any plate, dims that are no plate's (both: declare them as
+    event dims), and plates that are subsampled (:func:`_subsampled_message`).
+    """
     fn = site["fn"]
-    plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
-    if plates:
-        return (
-            f"site {name!r}: it is local to pyro.plate({', '.join(map(repr, plates))}) (batch shape "
-            f"{tuple(fn.batch_shape)}); SparseSubspaceGuide holds global latents only. Give plate-local sites their "
-            f"own guide: AutoGuideList with AutoNormal(poutine.block(model, expose=[{name!r}])) and this guide "
-            f"on poutine.block(model, hide=[{name!r}]), or move the plate's dim into the site's event shape"
-        )
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+    batch = fn.batch_shape
+    if not frames:
+        raise ValueError(_batch_shape_message(name, site))
+    for f in frames:
+        full = f.full_size if f.full_size is not None else f.size
+        if f.size != full:
+            raise ValueError(_subsampled_message(name, f.name, f.size, full))
+    by_dim = {f.dim: f for f in frames}
+    for i in range(-len(batch), 0):
+        if batch[i] != 1 and (i not in by_dim or by_dim[i].size != batch[i]):
+            plates = ", ".join(f"pyro.plate({f.name!r}) at dim {f.dim}" for f in frames)
+            raise ValueError(
+                f"site {name!r}: prior has batch shape {tuple(batch)} inside {plates}, but dim {i} (size {batch[i]}) "
+                f"is no plate's dim; declare the weight's own dims as event dims with prior.to_event(n), so that "
+                f"only plate dims remain batch dims"
+            )
+    return tuple(f.name for f in frames)
+
+
+def _subsampled_message(name, plate, subsample_size, size):
+    """Why a latent local to a subsampled plate is refused, and what works instead."""
+    return (
+        f"site {name!r}: it is local to the subsampled pyro.plate({plate!r}) (subsample_size {subsample_size} of "
+        f"{size}); SparseSubspaceGuide supports plate-local latents only in plates that are not subsampled. Drop "
+        f"subsample_size for that plate (subsample the data in a plate of its own), or give the site its own "
+        f"guide: AutoGuideList with AutoNormal(poutine.block(model, expose=[{name!r}])), which subsamples its "
+        f"parameters, and this guide on poutine.block(model, hide=[{name!r}])"
+    )
+
+
+def _batch_shape_message(name, site):
+    """Why a site with a batch shape outside any plate cannot be sparse: dims not declared as event dims."""
+    fn = site["fn"]
     return (
         f"site {name!r}: prior has batch shape {tuple(fn.batch_shape)} outside any plate; declare the weight's dims "
         f"as event dims, e.g. prior.to_event({len(fn.batch_shape)})"

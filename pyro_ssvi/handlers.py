@@ -10,6 +10,8 @@
 * :class:`KLScaleMessenger`: weights the KL term (latent sites) of an ELBO.
 """
 
+from collections.abc import Mapping
+
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -26,7 +28,9 @@ class SubspacePriorMessenger(Messenger):
     handler follows subspace updates. Dense sites and observed sites are untouched.
     The prior's parameters may depend on other latent sites (a hierarchical prior such as
     ``Normal(0, tau * lambda)``): it is restricted to ``S`` afresh at every site, with
-    whatever values they have in that pass.
+    whatever values they have in that pass. A plate-local site (inside a ``pyro.plate``, batch
+    shape ``B``) is restricted over its whole coordinate set ``B + E``, and ``log p_S`` keeps one
+    value per batch element, as the guide's ``log q`` and KL do.
 
     Wrap the model, not the guide::
 
@@ -53,7 +57,7 @@ class SubspacePriorMessenger(Messenger):
         for guide in self.guides:
             index = guide.sparse_index(msg["name"])
             if index is not None:
-                msg["fn"] = SubspacePrior(msg["fn"], index)
+                msg["fn"] = SubspacePrior(msg["fn"], index, guide.site_info(msg["name"]).shape)
                 return
 
 
@@ -95,11 +99,19 @@ class DataGradientMessenger(Messenger):
         >>> probe.grads()["w"].shape
         torch.Size([3])
 
-    :param names: latent site names to probe.
+    A site's gradient is flattened over its coordinate set: the event shape, or for a plate-local
+    site (one of a :class:`~pyro_ssvi.SparseSubspaceGuide`'s, inside ``pyro.plate`` s) the whole
+    ``plate batch + event`` shape, which the handler reads from the site's restricted prior
+    (:class:`~pyro_ssvi.SubspacePrior`, as :class:`SubspacePriorMessenger` sets it) or from ``names``
+    given as a mapping. Dims left of it (particles) are summed.
+
+    :param names: latent site names to probe, or a mapping ``name -> number of coordinates``
+        (``guide.site_info(name).numel``).
     """
 
     def __init__(self, names):
         super().__init__()
+        self._numels = dict(names) if isinstance(names, Mapping) else {}
         self.names = frozenset(names)
         self._probes = []
 
@@ -122,7 +134,13 @@ class DataGradientMessenger(Messenger):
             )
         probe = torch.zeros(value.shape, dtype=value.dtype, device=value.device, requires_grad=True)
         msg["value"] = value + probe
-        self._probes.append((msg["name"], probe, msg["fn"].event_shape.numel()))
+        self._probes.append((msg["name"], probe, self._coordinate_numel(msg)))
+
+    def _coordinate_numel(self, msg):
+        numel = self._numels.get(msg["name"])
+        if numel is None:
+            numel = getattr(msg["fn"], "coordinate_numel", None)  # a SubspacePrior knows the site's plate dims
+        return int(numel) if numel is not None else msg["fn"].event_shape.numel()
 
     def grads(self):
         """``{site: flat dense gradient}`` summed over every pass (particle) since the last call."""

@@ -299,7 +299,9 @@ class SSVI:
             self._synced = True
         update = bool(sites) and self.updater.is_update_step(t)
         # on update steps the model is handed probed samples: the probes' gradient is the data term's
-        capture = DataGradientMessenger([name for _, name in sites]) if update and self.updater.needs_gradient else None
+        capture = None
+        if update and self.updater.needs_gradient:  # each site's gradient over its whole coordinate set
+            capture = DataGradientMessenger({name: g.site_info(name).numel for g, name in sites})
         model = self._model
         if capture is not None:
             model = training_model(self.model, self.guide, lrt=self.lrt, batched=self._batched, data_gradient=capture)

@@ -2,7 +2,7 @@
 
 Written here after the contract of Pyro's own autoguide tests (median / quantiles, Predictive,
 serialisation, JIT tracing of ``call()``, ``init_loc_fn`` variants, ``create_plates`` and
-subsampling) and the refusals this guide documents (discrete, constrained, plate-local sites).
+subsampling) and the refusals this guide documents (discrete, constrained sites, latents of subsampled plates).
 """
 
 import copy
@@ -152,12 +152,30 @@ def test_create_plates_lets_the_guide_draw_the_subsample():
     assert torch.isfinite(loss)
 
 
-def test_a_plate_local_latent_is_refused_naming_the_plate():
+@pytest.mark.parametrize("kernels", ["auto", True])
+def test_a_plate_local_latent_is_fitted_over_its_whole_shape(kernels):
     def model():
         with pyro.plate("tasks", 3):
-            pyro.sample("w", dist.Normal(0.0, 1.0).expand([3, 4]).to_event(1))
+            return pyro.sample("w", dist.Normal(0.0, 1.0).expand([3, 4]).to_event(1))
 
-    with pytest.raises(ValueError, match=r"site 'w'.*pyro\.plate\('tasks'\).*AutoGuideList"):
+    guide = SparseSubspaceGuide(model, density=0.5, sparse_kernels=kernels)
+    sample = guide()["w"]
+    info = guide.site_info("w")
+    assert (tuple(info.shape), info.numel, info.k) == ((3, 4), 12, 6)
+    # a 2-d plate-local site is 3 rows of a batch, not a matrix: it runs dense, a plain tensor
+    assert type(sample) is torch.Tensor and sample.shape == (3, 4) and int((sample != 0).sum()) == 6
+    assert guide.kernel_pattern("w") is None
+    fn = pyro.poutine.trace(guide).get_trace().nodes["w"]["fn"]
+    assert fn.batch_shape == (3,) and fn.event_shape == (4,)
+    assert guide.median()["w"].shape == (3, 4) and guide.quantiles([0.5])["w"].shape == (1, 3, 4)
+
+
+def test_a_latent_in_a_subsampled_plate_is_refused_naming_the_plate():
+    def model():
+        with pyro.plate("tasks", 3, subsample_size=2):
+            pyro.sample("w", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+
+    with pytest.raises(ValueError, match=r"site 'w'.*subsampled pyro\.plate\('tasks'\).*AutoGuideList"):
         SparseSubspaceGuide(model, density=0.5)()
 
 

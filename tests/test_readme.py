@@ -148,3 +148,29 @@ def test_readme_pretrained_start_fine_tunes_from_the_largest_weights(capsys):
     assert results["SSVI fine-tuned"]["accuracy"] > results["SSVI from scratch"]["accuracy"]
     assert 0 < ns["T"] < 10 and any(name.startswith("SSVI fine-tuned, T=") for name in results)
     assert "SSVI fine-tuned" in capsys.readouterr().out
+
+
+def test_readme_plate_local_block_trains():
+    """The "Plate-local latents" block: per-task weights, fitted with SSVI over the whole (T, H, D) site."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_ssvi import SSVI, SparseSubspaceGuide
+
+    text = (ROOT / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if 'pyro.plate("tasks"' in b)
+    T, N, D, H = 3, 20, 4, 2
+    torch.manual_seed(0)
+    x = torch.randn(T, N, D)
+    w_true = torch.randn(T, H, D)
+    y = torch.einsum("thd,tnd->tnh", w_true, x) + 0.1 * torch.randn(T, N, H)
+    pyro.clear_param_store()
+    ns = {"pyro": pyro, "dist": dist, "torch": torch, "SparseSubspaceGuide": SparseSubspaceGuide, "T": T, "H": H, "D": D}
+    exec(compile(code, "README.md", "exec"), ns)
+    guide = ns["guide"]
+    svi = SSVI(ns["model"], guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.TraceMeanField_ELBO(), total_steps=40, update_every=10)
+    for _ in range(40):
+        svi.step(x, y)
+    assert guide.median()["w"].shape == (T, H, D)
+    assert guide.active_index("w").numel() == round(0.1 * T * H * D) and len(svi.history) == 2
+    pyro.clear_param_store()
