@@ -14,11 +14,11 @@ from collections.abc import Mapping
 
 import torch
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 
 from .distributions import SubspacePrior
 from .guide import sparse_parts
+from .modes import handler_stack
 
 
 class SubspacePriorMessenger(Messenger):
@@ -121,13 +121,14 @@ class DataGradientMessenger(Messenger):
         value = msg["value"]
         if not (torch.is_tensor(value) and value.requires_grad):
             return
-        here = _PYRO_STACK.index(self)
-        if not any(isinstance(f, TraceMessenger) for f in _PYRO_STACK[:here]):
+        stack = handler_stack()
+        here = stack.index(self)
+        if not any(isinstance(f, TraceMessenger) for f in stack[:here]):
             raise RuntimeError(
                 f"DataGradientMessenger: site {msg['name']!r} is not traced outside this handler; apply "
                 "the handler to the model (probe(model)) and run the ELBO on it"
             )
-        if any(isinstance(f, TraceMessenger) for f in _PYRO_STACK[here + 1 :]):
+        if any(isinstance(f, TraceMessenger) for f in stack[here + 1 :]):
             raise RuntimeError(
                 f"DataGradientMessenger: site {msg['name']!r} is traced inside this handler, so the probe "
                 "would reach log p and log q too; apply the handler to the model, not around the ELBO"
