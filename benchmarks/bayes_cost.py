@@ -41,7 +41,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 if os.environ.get("PYRO_SSVI_BAYES_PACKAGE"):  # a --serve worker for the --baseline-ref commit: its package first
     sys.path.insert(0, os.environ["PYRO_SSVI_BAYES_PACKAGE"])
 
-from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
+try:
+    from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
+except ImportError:  # a --baseline-ref commit from before the helpers moved to pyro_ssvi.scripts
+    from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 from cost import Worker, baseline_tree, median, run_group  # noqa: E402
 

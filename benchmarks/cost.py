@@ -36,7 +36,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 if os.environ.get("PYRO_SSVI_COST_PACKAGE"):  # a --serve worker for the baseline commit: its package first
     sys.path.insert(0, os.environ["PYRO_SSVI_COST_PACKAGE"])
 
-from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
+try:
+    from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
+except ImportError:  # a --baseline-ref commit from before the helpers moved to pyro_ssvi.scripts
+    from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 #: (row name, density, sparse_kernels): AutoNormal is Pyro's dense VI; "kernels off" is SSVI on
