@@ -1,7 +1,9 @@
 """``SparseSubspaceGuide``: a mean-field Normal guide that stores only an active set.
 
 For each latent site ``theta`` (a weight tensor with ``d = numel`` coordinates) the
-guide keeps ``k = round(density * d)`` active coordinates::
+guide keeps ``k = round(density * d)`` active coordinates, in one
+:class:`~pyro_ssvi.site.SparseSite` module per site (``guide.sites.<site>``), saved by
+``state_dict()`` under these keys::
 
     indices.<site>               IntTensor  (k,)   flat positions of the active entries (int32 buffer,
                                                    int64 beyond 2^31 entries; empty for a dense site)
@@ -27,27 +29,28 @@ The parameter tensors keep their size for the whole run: a subspace update
 rewrites slots in place (:meth:`SparseSubspaceGuide.replace_entries`), so the
 optimiser keeps tracking the same tensors and ``state_dict()`` (which includes the
 indices and the ``ssvi_step`` counter) is a complete checkpoint. Every piece of
-state is an ordinary buffer or parameter, so ``torch.distributed`` can broadcast it.
+state is an ordinary buffer or parameter, so ``torch.distributed`` can broadcast it. Which kernel
+each 2-d sparse site runs on is a :class:`~pyro_ssvi.kernels.KernelSelector`'s business; its
+measured decisions are saved as the guide's extra state.
 """
 
 import contextlib
 import functools
 from collections import OrderedDict
 from collections.abc import Mapping
-from operator import attrgetter
-from typing import NamedTuple
 
 import pyro
 import torch
-import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide, AutoGuideList
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule
 from pyro.poutine.runtime import am_i_wrapped
 
 from .distributions import SparseNormal, factorised_base
-from .kernels import LinearPattern, in_row_major_order
+from .kernels import KernelSelector, parse_decision_table
+from .site import SiteInfo, SparseSite, scale_bijection
 
 
 def init_to_normal(site=None, std=0.01):
@@ -60,33 +63,6 @@ def init_to_normal(site=None, std=0.01):
     return torch.randn_like(proto) * std
 
 
-class _Site(NamedTuple):
-    """A site's coordinate set: ``shape`` is ``batch_shape + event shape``; ``batch_shape`` is the
-    plate batch of a plate-local site (``()`` for a global one)."""
-
-    shape: torch.Size
-    numel: int
-    k: int
-    batch_shape: torch.Size = torch.Size()
-
-    @property
-    def full(self):
-        return self.k == self.numel
-
-    @property
-    def event_shape(self):
-        return self.shape[len(self.batch_shape) :]
-
-    @property
-    def plate_local(self):
-        return len(self.batch_shape) > 0
-
-
-def _index_dtype(numel):
-    """Active indices are stored as int32 (4 bytes per active entry) unless a site is too large."""
-    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
-
-
 def _is_real(constraint):
     # peel wrappers such as independent(...) and MixtureSameFamily's support constraint
     while hasattr(constraint, "base_constraint"):
@@ -94,23 +70,19 @@ def _is_real(constraint):
     return type(constraint) is type(constraints.real)
 
 
-def _deep_set(root, name, value, buffer=False):
-    *path, leaf = name.split(".")
-    module = root
-    for part in path:
-        if not hasattr(module, part):
-            setattr(module, part, PyroModule())
-        module = getattr(module, part)
-    if buffer:
-        module.register_buffer(leaf, value)
-    else:
-        setattr(module, leaf, value)
+#: where each field of a :class:`~pyro_ssvi.site.SparseSite` is saved in ``state_dict()``:
+#: ``<container>.<site name>``, the layout of Pyro's ``AutoNormal`` (``locs.<site>``, ``scales.<site>``)
+STATE_LAYOUT = (("loc", "locs"), ("unconstrained_scale", "unconstrained_scales"), ("index", "indices"), ("births", "births"))
 
 
-def _inverse_transform(scale, transform):
-    if transform == "exp":
-        return scale.log()
-    return scale + torch.log(-torch.expm1(-scale))  # softplus^{-1}, stable for small and large scale
+def _to_saved_layout(guide, state_dict, prefix, local_metadata):
+    """State-dict post-hook: ``sites.<site>.<field>`` (the module tree) -> ``<container>.<site>``,
+    fields in :data:`STATE_LAYOUT` order, sites in model order."""
+    if guide._sites is None:
+        return
+    for field, container in STATE_LAYOUT:
+        for name in guide._sites:
+            state_dict[f"{prefix}{container}.{name}"] = state_dict.pop(f"{prefix}sites.{name}.{field}")
 
 
 class SparseSubspaceGuide(AutoGuide):
@@ -180,9 +152,7 @@ class SparseSubspaceGuide(AutoGuide):
         create_plates=None,
     ):
         self._density = self._check_density(density)
-        self._kernel_choice = self._check_kernels(sparse_kernels)
-        self._patterns = {}
-        self._kernel_decisions = {}  # site -> {call shape: measured choice}, shared with the site's patterns
+        self.kernels = KernelSelector(self._check_kernels(sparse_kernels))
         if isinstance(dense_sites, str) or not all(isinstance(s, str) for s in dense_sites):
             raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
         self._dense_sites = frozenset(dense_sites)
@@ -195,15 +165,15 @@ class SparseSubspaceGuide(AutoGuide):
         ):
             raise ValueError(f"relative_init_scale: expected a positive float or None, got {relative_init_scale!r}")
         self._relative_init_scale = None if relative_init_scale is None else float(relative_init_scale)
-        if scale_transform not in ("softplus", "exp"):
-            raise ValueError(f"scale_transform: expected 'softplus' or 'exp', got {scale_transform!r}")
+        scale_bijection(scale_transform)  # or ValueError
         self.scale_transform = scale_transform
         if not callable(init_loc_fn):
             raise ValueError(f"init_loc_fn: expected a callable site -> value, got {init_loc_fn!r}")
         self.init_loc_fn = init_loc_fn
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
-        self._sites = None
+        self._sites = None  # site name -> its SparseSite (also registered as self.sites.<name>), once set up
         self.register_buffer("ssvi_step", torch.zeros((), dtype=torch.long))
+        self.register_state_dict_post_hook(_to_saved_layout)
 
     # argument checks -----------------------------------------------------------------
     @staticmethod
@@ -246,11 +216,6 @@ class SparseSubspaceGuide(AutoGuide):
     def _check_kernels(cls, choice):
         return cls._check_per_site("sparse_kernels", choice, lambda v: v is True or v is False or v == "auto", "'auto', True or False")
 
-    def _site_kernel_choice(self, name):
-        if isinstance(self._kernel_choice, dict):
-            return self._kernel_choice.get(name, "auto")
-        return self._kernel_choice
-
     def _site_density(self, name):
         if name in self._dense_sites:
             return 1.0
@@ -268,11 +233,7 @@ class SparseSubspaceGuide(AutoGuide):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         sites = OrderedDict()
-        self.locs = PyroModule()
-        self.unconstrained_scales = PyroModule()
-        self.indices = PyroModule()
-        self.births = PyroModule()
-        self._site_frames = {}  # site -> names of the vectorised plates it is local to (entered by forward)
+        self.sites = PyroModule()  # sites.<site name>: a SparseSite, nested by the dots of the name as in AutoNormal
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             fn = site["fn"]
             if not _is_real(fn.support):
@@ -291,33 +252,22 @@ class SparseSubspaceGuide(AutoGuide):
                     "list the site in dense_sites to keep it dense"
                 )
             value = site["value"].detach()
-            device = value.device
-            if k == numel:  # dense site: every coordinate active in natural order; no index stored
-                loc = value.reshape(-1).clone()
-                index = torch.zeros(0, dtype=_index_dtype(numel), device=device)
-            else:
-                index = self._initial_subspace(value, k).sort().values
-                loc = value.reshape(-1)[index].clone()
-                index = index.to(_index_dtype(numel))
+            info = SiteInfo(shape, numel, k, fn.batch_shape)
+            index = None if info.full else self._initial_subspace(value, k).sort().values
+            loc = value.reshape(-1) if info.full else value.reshape(-1)[index]
             scale = self._draw_scale(k, value)
             if self._relative_init_scale is not None:
                 relative = (self._relative_init_scale * loc.abs()).clamp_min(1e-8)
                 scale = torch.where(loc != 0, relative, scale)
-            _deep_set(self.indices, name, index, buffer=True)
-            _deep_set(self.births, name, torch.zeros(0 if k == numel else k, dtype=torch.int32, device=device), buffer=True)
-            _deep_set(self.locs, name, torch.nn.Parameter(loc))
-            _deep_set(self.unconstrained_scales, name, torch.nn.Parameter(_inverse_transform(scale, self.scale_transform)))
-            sites[name] = _Site(shape, numel, k, fn.batch_shape)
-            self._site_frames[name] = frames
+            sites[name] = SparseSite.initial(name, info, value, index, scale, self.scale_transform, frames=frames)
+            deep_setattr(self.sites, name, sites[name])
         if not sites:
             raise ValueError("model: it has no latent sample site (no PyroSample prior) for the guide to fit")
         unknown = (set(self._density) if isinstance(self._density, dict) else set()) | self._dense_sites
         unknown -= set(sites)
         if unknown:
             raise ValueError(f"density/dense_sites: unknown site names {sorted(unknown)}; the model has {list(sites)}")
-        unknown = set(self._kernel_choice) - set(sites) if isinstance(self._kernel_choice, dict) else set()
-        if unknown:
-            raise ValueError(f"sparse_kernels: unknown site names {sorted(unknown)}; the model has {list(sites)}")
+        self.kernels.check_site_names(list(sites))
         self._sites = sites
         # Drop the prototype trace: it holds a dense copy of every weight.
         self.prototype_trace = None
@@ -349,16 +299,24 @@ class SparseSubspaceGuide(AutoGuide):
         """Whether the guide has traced its model and created its state."""
         return self._sites is not None
 
+    def site(self, name):
+        """The :class:`~pyro_ssvi.site.SparseSite` module that holds site ``name`` 's parameters."""
+        return self._site(name, "site")
+
+    def _site(self, name, what="site_info"):
+        self._require_setup(what)
+        if name not in self._sites:
+            raise KeyError(f"site {name!r} is not a latent site of this guide; sites: {list(self._sites)}")
+        return self._sites[name]
+
     def sparse_index(self, name):
         """Active index of ``name`` if it is one of this guide's *sparse* sites, else ``None``.
 
         ``None`` for dense sites, for names this guide does not hold and before set-up; handlers
         use it to decide whether to restrict a prior (:class:`~pyro_ssvi.handlers.SubspacePriorMessenger`).
         """
-        info = self._sites.get(name) if self._sites is not None else None
-        if info is None or info.full:
-            return None
-        return attrgetter(name)(self.indices)
+        site = self._sites.get(name) if self._sites is not None else None
+        return None if site is None else site.sparse_index()
 
     @property
     def site_names(self):
@@ -368,29 +326,23 @@ class SparseSubspaceGuide(AutoGuide):
     def sparse_site_names(self):
         """Sites with fewer active entries than coordinates (the ones subspace updates touch)."""
         self._require_setup("sparse_site_names")
-        return tuple(n for n, s in self._sites.items() if not s.full)
+        return tuple(n for n, s in self._sites.items() if not s.info.full)
 
     def site_info(self, name):
-        self._require_setup("site_info")
-        if name not in self._sites:
-            raise KeyError(f"site {name!r} is not a latent site of this guide; sites: {list(self._sites)}")
-        return self._sites[name]
+        """The site's :class:`~pyro_ssvi.site.SiteInfo`: ``shape``, ``numel``, ``k``, ``batch_shape``."""
+        return self._site(name).info
 
     def loc(self, name):
-        self.site_info(name)
-        return attrgetter(name)(self.locs)
+        """The means ``mu`` of the site's slots (the parameter itself, shape ``(k,)``)."""
+        return self._site(name).loc
 
     def unconstrained_scale(self, name):
-        self.site_info(name)
-        return attrgetter(name)(self.unconstrained_scales)
+        """The unconstrained scales ``rho`` of the site's slots (the parameter itself, shape ``(k,)``)."""
+        return self._site(name).unconstrained_scale
 
     def active_index(self, name):
         """Flat positions of the active entries (the stored buffer; ``arange`` for a dense site)."""
-        info = self.site_info(name)
-        index = attrgetter(name)(self.indices)
-        if info.full:
-            return torch.arange(info.numel, device=index.device)
-        return index
+        return self._site(name).active_index()
 
     def entry_births(self, name):
         """Step at which each storage slot of ``name`` was last refilled by a subspace update (0: never).
@@ -398,11 +350,34 @@ class SparseSubspaceGuide(AutoGuide):
         ``ssvi_step - births`` is each active entry's age; SSVI uses it to give refilled slots a
         fresh Adam (:func:`pyro_ssvi.fresh_adam_correction`). A dense site has no births (empty).
         """
-        self.site_info(name)
-        return attrgetter(name)(self.births)
+        return self._site(name).births
+
+    def active_mask(self, name):
+        """Boolean tensor shaped like the site, true on the active set."""
+        return self._site(name).active_mask()
+
+    @property
+    def locs(self):
+        """Every site's ``loc``, at ``locs.<site name>`` (a module built on each access, for optimiser
+        groups such as ``guide.locs.parameters()``; the parameters themselves live in :attr:`sites`)."""
+        return self._field_view("locs", "loc")
+
+    @property
+    def unconstrained_scales(self):
+        """Every site's ``unconstrained_scale``, at ``unconstrained_scales.<site name>`` (as :attr:`locs`)."""
+        return self._field_view("unconstrained_scales", "unconstrained_scale")
+
+    def _field_view(self, what, field):
+        if self._sites is None:  # as an attribute the guide does not have yet
+            raise AttributeError(f"SparseSubspaceGuide.{what}: the guide is not set up yet")
+        view = PyroModule()
+        for name, site in self._sites.items():
+            deep_setattr(view, name, site._parameters[field])  # the parameter itself, not a pyro.param
+        return view
 
     def transform_scale(self, rho):
-        return torch.exp(rho) if self.scale_transform == "exp" else F.softplus(rho)
+        """``sigma = t(rho)`` for this guide's ``scale_transform`` (:func:`~pyro_ssvi.site.scale_bijection`)."""
+        return scale_bijection(self.scale_transform)(rho)
 
     def scale(self, name):
         return self.transform_scale(self.unconstrained_scale(name))
@@ -414,22 +389,12 @@ class SparseSubspaceGuide(AutoGuide):
         return SparseNormal(self.loc(name), self.scale(name), index, info.shape, pattern=self.kernel_pattern(name),
                             event_dim=len(info.event_shape))
 
+    # kernel choice (pyro_ssvi.kernels.KernelSelector) -----------------------------------
     def kernel_pattern(self, name):
         """The site's :class:`~pyro_ssvi.kernels.LinearPattern` (rebuilt when its active set has changed),
         or ``None`` when the site runs dense (see ``sparse_kernels``)."""
-        info = self.site_info(name)
-        choice = self._site_kernel_choice(name)
-        if info.full or info.plate_local or len(info.shape) != 2 or choice is False or torch.jit.is_tracing():
-            return None  # under torch.jit tracing: the dense path (same values; no timing inside a trace)
-        index = self.active_index(name)
-        pattern = self._patterns.get(name)
-        if pattern is None or not pattern.built_from(index):
-            # a subspace update (or a move to another device) changed the active set: new structure,
-            # same measured choices (the site's size and density are unchanged)
-            decisions = self._kernel_decisions.setdefault(name, {})
-            pattern = LinearPattern(index, info.shape, policy="sparse" if choice is True else "auto", decisions=decisions)
-            self._patterns[name] = pattern
-        return pattern
+        site = self._site(name)
+        return self.kernels.pattern(name, site.info, site.active_index())
 
     def kernel_report(self):
         """``{site: [{"rows", "dtype", "device", "input_grad", "value_grad", "sparse", "dense_s",
@@ -437,11 +402,7 @@ class SparseSubspaceGuide(AutoGuide):
         shape met so far (plus ``{"sparse": True, "forced": True}`` for a site forced onto the sparse
         kernel). The same table is saved in :meth:`state_dict` (see :meth:`kernel_decisions`)."""
         self._require_setup("kernel_report")
-        out = {name: [dict(entry) for entry in rows] for name, rows in self.kernel_decisions().items()}
-        for name, pattern in self._patterns.items():
-            if pattern.policy == "sparse":
-                out.setdefault(name, []).append({"rows": None, "sparse": True, "forced": True})
-        return out
+        return self.kernels.report()
 
     def kernel_decisions(self):
         """The measured sparse-or-dense choice of every site and call shape, as plain data:
@@ -453,24 +414,13 @@ class SparseSubspaceGuide(AutoGuide):
         measured, whatever the load, and its float rounding is the same. To fix the choices of a new
         run, pass a table (e.g. from an earlier run) to :meth:`set_kernel_decisions`, or choose per site
         with ``sparse_kernels=True / False``."""
-        return {
-            name: [_decision_row(key, decision) for key, decision in decisions.items()]
-            for name, decisions in self._kernel_decisions.items()
-            if decisions
-        }
+        return self.kernels.decision_table()
 
     def set_kernel_decisions(self, table):
         """Use the choices of ``table`` (as :meth:`kernel_decisions` returns) instead of measuring
         those call shapes; sites it names lose their other measured choices. Call shapes it does not
         hold are still measured on first use."""
-        parsed = _parse_decision_table(table)
-        unknown = sorted(set(parsed) - set(self._sites or ()))
-        if unknown:
-            raise ValueError(f"kernel decisions: unknown site names {unknown}; the guide has {list(self._sites or ())}")
-        for name, decisions in parsed.items():
-            shared = self._kernel_decisions.setdefault(name, {})
-            shared.clear()  # in place: built patterns hold this dict
-            shared.update(decisions)
+        self.kernels.set_decision_table(table, list(self._sites or ()))
 
     def get_extra_state(self):
         """What ``state_dict()`` saves beside the tensors: the measured kernel choices."""
@@ -478,14 +428,6 @@ class SparseSubspaceGuide(AutoGuide):
 
     def set_extra_state(self, state):
         self.set_kernel_decisions(state.get("kernel_decisions", {}))
-
-    def active_mask(self, name):
-        """Boolean tensor shaped like the site, true on the active set."""
-        info = self.site_info(name)
-        index = self.active_index(name)
-        mask = torch.zeros(info.numel, dtype=torch.bool, device=index.device)
-        mask[index] = True
-        return mask.reshape(info.shape)
 
     # Pyro guide ------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -503,8 +445,8 @@ class SparseSubspaceGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)  # create_plates: the guide draws the plates' subsamples, as AutoNormal
         result = {}
-        for name in self._sites:
-            frames = getattr(self, "_site_frames", {}).get(name, ())
+        for name, site in self._sites.items():
+            frames = site.frames
             if not frames:
                 result[name] = pyro.sample(name, self.get_posterior(name))
                 continue
@@ -538,7 +480,7 @@ class SparseSubspaceGuide(AutoGuide):
             if not ((q > 0) & (q < 1)).all():
                 raise ValueError(f"quantiles: expected values in (0, 1), got {quantiles!r}")
             active = torch.distributions.Normal(fn.loc, fn.scale).icdf(q)
-            out[name] = fn.scatter(active)
+            out[name] = self._sites[name].dense(active)
         return out
 
     # bookkeeping -----------------------------------------------------------------------
@@ -547,7 +489,7 @@ class SparseSubspaceGuide(AutoGuide):
         self._require_setup("summary")
         return {
             n: {"active": s.k, "numel": s.numel, "density": s.k / s.numel, "shape": tuple(s.shape)}
-            for n, s in self._sites.items()
+            for n, s in ((n, site.info) for n, site in self._sites.items())
         }
 
     def summary_table(self):
@@ -563,13 +505,13 @@ class SparseSubspaceGuide(AutoGuide):
     def active_params(self):
         """Number of random (active) coordinates over all sites."""
         self._require_setup("active_params")
-        return sum(s.k for s in self._sites.values())
+        return sum(s.info.k for s in self._sites.values())
 
     @property
     def dense_params(self):
         """Number of coordinates the latent sites have in all."""
         self._require_setup("dense_params")
-        return sum(s.numel for s in self._sites.values())
+        return sum(s.info.numel for s in self._sites.values())
 
     def extra_repr(self):
         if self._sites is None:
@@ -605,23 +547,11 @@ class SparseSubspaceGuide(AutoGuide):
             >>> torch.equal(index, torch.cat([kept, new.to(index)]).sort().values)  # slots in row-major order
             True
         """
-        info = self.site_info(name)
-        if positions.numel() != new_index.numel():
-            raise ValueError("positions and new_index must have one length")
-        if positions.numel() == 0:
+        site = self._site(name)
+        step = int(self.ssvi_step) + 1 if step is None else int(step)
+        if not site.replace(positions, new_index, loc, unconstrained_scale, step):
             return None
-        if new_index.min() < 0 or new_index.max() >= info.numel:
-            raise ValueError(f"new_index: positions must lie in [0, {info.numel}) for site {name!r}")
-        index = self.active_index(name)
-        index[positions] = new_index.to(index.dtype)
-        self.loc(name)[positions] = loc
-        self.unconstrained_scale(name)[positions] = unconstrained_scale
-        self.entry_births(name)[positions] = int(self.ssvi_step) + 1 if step is None else int(step)
-        perm = None
-        if sort and not in_row_major_order(index):
-            perm = torch.argsort(index)
-            for t in (index, self.loc(name), self.unconstrained_scale(name), self.entry_births(name)):
-                t.copy_(t.index_select(0, perm))
+        perm = site.sort_slots() if sort else None
         self.kernel_pattern(name)  # the active set changed: rebuild its sparse-kernel structure now, not in the next step
         return perm
 
@@ -641,6 +571,11 @@ class SparseSubspaceGuide(AutoGuide):
         self._require_setup("load_state_dict")
         self.check_state_dict(state_dict, prefix, strict=strict)
         state_dict.setdefault(prefix + "_extra_state", {"kernel_decisions": {}})  # a copy made by load_state_dict
+        for field, container in STATE_LAYOUT:  # the saved layout -> the module tree, for the site modules to load
+            for name in self._sites:
+                key = f"{prefix}{container}.{name}"
+                if key in state_dict:
+                    state_dict[f"{prefix}sites.{name}.{field}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def check_state_dict(self, state_dict, prefix="", strict=True):
@@ -669,74 +604,23 @@ class SparseSubspaceGuide(AutoGuide):
         step = given.get("ssvi_step", self.ssvi_step)
         if int(step) < 0:
             raise ValueError(f"state_dict: ssvi_step is {int(step)}, expected >= 0")
-        for name, info in self._sites.items():
-            self._check_site_state(name, info, given)
+        for name, site in self._sites.items():
+            site.check_state(**{field: given.get(f"{container}.{name}") for field, container in STATE_LAYOUT},
+                             names=dict(STATE_LAYOUT))
         if "_extra_state" in given:
             try:
-                _parse_decision_table(given["_extra_state"].get("kernel_decisions", {}))
+                parse_decision_table(given["_extra_state"].get("kernel_decisions", {}))
             except (AttributeError, TypeError, ValueError) as e:
                 raise ValueError(f"state_dict: _extra_state: {e}") from e
 
     def _site_hint(self, key):
         """``" (site 'x': the checkpoint's active count differs: another density?)"`` for a site's key."""
-        for part in ("locs.", "unconstrained_scales.", "indices.", "births."):
+        for _, container in STATE_LAYOUT:
+            part = container + "."
             if key.startswith(part) and key[len(part):] in self._sites:
                 name = key[len(part):]
-                return f" (site {name!r} with {self._sites[name].k} active entries: written with another density or network?)"
+                return f" (site {name!r} with {self._sites[name].info.k} active entries: written with another density or network?)"
         return ""
-
-    def _check_site_state(self, name, info, given):
-        site = f"state_dict: site {name!r}"
-        for part in ("locs", "unconstrained_scales"):
-            value = given.get(f"{part}.{name}")
-            if value is not None and not torch.isfinite(value).all():
-                raise ValueError(f"{site}: {part} holds non-finite values")
-        index = given.get(f"indices.{name}")
-        if index is not None and index.numel():
-            if index.min() < 0 or index.max() >= info.numel:
-                raise ValueError(f"{site}: active indices out of range [0, {info.numel}) "
-                                 f"(min {int(index.min())}, max {int(index.max())})")
-            distinct = torch.unique(index).numel()
-            if distinct != index.numel():
-                raise ValueError(f"{site}: active indices repeat ({distinct} distinct of {index.numel()})")
-        births = given.get(f"births.{name}")
-        if births is not None and births.numel() and births.min() < 0:
-            raise ValueError(f"{site}: negative birth steps")
-
-
-def _decision_row(key, decision):
-    rows, dtype, device, input_grad, value_grad = key
-    return {"rows": rows, "dtype": str(dtype), "device": str(device), "input_grad": bool(input_grad),
-            "value_grad": bool(value_grad), **decision}
-
-
-def _decision_key(row):
-    """``(call-shape key, decision)`` of one row of a decision table (the inverse of :func:`_decision_row`)."""
-    dtype = getattr(torch, row["dtype"].replace("torch.", ""))
-    key = (int(row["rows"]), dtype, torch.device(row["device"]), bool(row["input_grad"]), bool(row["value_grad"]))
-    decision = {k: v for k, v in row.items() if k not in ("rows", "dtype", "device", "input_grad", "value_grad")}
-    return key, decision
-
-
-def _parse_decision_table(table):
-    """``{site: {call-shape key: decision}}`` from a decision table (``{site: [row, ...]}``), or ``ValueError``
-    saying what is wrong with it."""
-    if not isinstance(table, Mapping):
-        raise ValueError(f"kernel decisions: expected a mapping site -> list of rows, got {type(table).__name__}")
-    parsed = {}
-    for name, rows in table.items():
-        parsed[name] = {}
-        for row in rows:
-            try:
-                key, decision = _decision_key(row)
-                ok = isinstance(row["sparse"], bool)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                ok = False
-            if not ok:
-                raise ValueError(f"kernel decisions of site {name!r}: a row needs rows, dtype, device, input_grad, "
-                                 f"value_grad and sparse (bool), got {row!r}")
-            parsed[name][key] = decision
-    return parsed
 
 
 def _unsupported_support_message(name, support):
@@ -838,8 +722,8 @@ def sparse_parts(guide):
 
 
 def inverse_scale_transform(scale, transform="softplus"):
-    """``rho`` such that ``transform(rho) == scale``."""
-    return _inverse_transform(torch.as_tensor(scale), transform)
+    """``rho`` such that ``transform(rho) == scale`` (:func:`~pyro_ssvi.site.scale_bijection`'s inverse)."""
+    return scale_bijection(transform).inv(torch.as_tensor(scale))
 
 
 __all__ = ["SparseSubspaceGuide", "init_to_normal", "inverse_scale_transform", "sparse_parts"]

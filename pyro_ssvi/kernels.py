@@ -23,6 +23,8 @@ positions only). Values are read in storage order; when the storage is in the ro
   once per active set (the guide rebuilds it when a subspace update changes the set).
 * :func:`sparse_linear`: ``F.linear`` on active values and a pattern, differentiable in the
   input and the values.
+* :class:`KernelSelector`: a guide's patterns and measured choices, site by site (the guide
+  saves the choices in its ``state_dict()``).
 * :class:`SparseWeight`: a weight-shaped tensor that holds only the active values. A
   :class:`~pyro_ssvi.SparseNormal` with a pattern samples one; ``F.linear`` on it runs the
   sparse kernel, and any other operation sees the equivalent dense tensor (built on demand, so
@@ -40,6 +42,7 @@ argument.
 import statistics
 import time
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -438,4 +441,124 @@ class SparseWeight(torch.Tensor):
                            "or turn sparse kernels off (SparseSubspaceGuide(..., sparse_kernels=False))")
 
 
-__all__ = ["LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "sparse_linear"]
+def _decision_row(key, decision):
+    """One row of a decision table: a measured call shape ``key`` and its ``decision`` as plain data."""
+    rows, dtype, device, input_grad, value_grad = key
+    return {"rows": rows, "dtype": str(dtype), "device": str(device), "input_grad": bool(input_grad),
+            "value_grad": bool(value_grad), **decision}
+
+
+def _decision_key(row):
+    """``(call-shape key, decision)`` of one row of a decision table (the inverse of :func:`_decision_row`)."""
+    dtype = getattr(torch, row["dtype"].replace("torch.", ""))
+    key = (int(row["rows"]), dtype, torch.device(row["device"]), bool(row["input_grad"]), bool(row["value_grad"]))
+    decision = {k: v for k, v in row.items() if k not in ("rows", "dtype", "device", "input_grad", "value_grad")}
+    return key, decision
+
+
+def parse_decision_table(table):
+    """``{site: {call-shape key: decision}}`` from a decision table (``{site: [row, ...]}``), or ``ValueError``
+    saying what is wrong with it."""
+    if not isinstance(table, Mapping):
+        raise ValueError(f"kernel decisions: expected a mapping site -> list of rows, got {type(table).__name__}")
+    parsed = {}
+    for name, rows in table.items():
+        parsed[name] = {}
+        for row in rows:
+            try:
+                key, decision = _decision_key(row)
+                ok = isinstance(row["sparse"], bool)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"kernel decisions of site {name!r}: a row needs rows, dtype, device, input_grad, "
+                                 f"value_grad and sparse (bool), got {row!r}")
+            parsed[name][key] = decision
+    return parsed
+
+
+class KernelSelector:
+    r"""Which kernel ``F.linear`` runs on each 2-d sparse site of a guide, and the measurements behind it.
+
+    One :class:`LinearPattern` per site (rebuilt when the site's active set changes) and, per site,
+    the measured choice of every call shape met (``"auto"``: :meth:`LinearPattern.use_sparse`), shared
+    with the site's patterns, so a rebuilt pattern keeps its site's measurements (the site's size and
+    density are unchanged). :class:`~pyro_ssvi.SparseSubspaceGuide` owns one and saves its decisions
+    (:meth:`decision_table`) as its extra state.
+
+        >>> from pyro_ssvi.site import SiteInfo
+        >>> selector = KernelSelector({"w": True})
+        >>> pattern = selector.pattern("w", SiteInfo(torch.Size([2, 4]), 8, 3), torch.tensor([0, 3, 5]))
+        >>> pattern.policy, selector.report()
+        ('sparse', {'w': [{'rows': None, 'sparse': True, 'forced': True}]})
+
+    :param choice: ``"auto"``, ``True`` or ``False`` for every site, or a mapping ``site -> choice``
+        (unnamed sites: ``"auto"``); see the guide's ``sparse_kernels``.
+    """
+
+    def __init__(self, choice="auto"):
+        self.choice = choice
+        self.patterns = {}  # site -> LinearPattern of its current active set
+        self.decisions = {}  # site -> {call shape: measured choice}, shared with the site's patterns
+
+    def site_choice(self, name):
+        """``"auto"``, ``True`` or ``False`` for site ``name``."""
+        if isinstance(self.choice, Mapping):
+            return self.choice.get(name, "auto")
+        return self.choice
+
+    def check_site_names(self, names):
+        """``ValueError`` if ``choice`` names a site not in ``names`` (the model's sites)."""
+        unknown = set(self.choice) - set(names) if isinstance(self.choice, Mapping) else set()
+        if unknown:
+            raise ValueError(f"sparse_kernels: unknown site names {sorted(unknown)}; the model has {list(names)}")
+
+    def pattern(self, name, info, index):
+        """Site ``name`` 's pattern for the active set ``index`` (rebuilt when ``index`` has changed), or
+        ``None`` when the site runs dense: a dense or plate-local site, one that is not 2-d, a site set to
+        ``False``, and under ``torch.jit`` tracing (the same values; no timing inside a trace)."""
+        choice = self.site_choice(name)
+        if info.full or info.plate_local or len(info.shape) != 2 or choice is False or torch.jit.is_tracing():
+            return None
+        pattern = self.patterns.get(name)
+        if pattern is None or not pattern.built_from(index):
+            # a subspace update (or a move to another device) changed the active set: new structure,
+            # same measured choices
+            decisions = self.decisions.setdefault(name, {})
+            pattern = LinearPattern(index, info.shape, policy="sparse" if choice is True else "auto", decisions=decisions)
+            self.patterns[name] = pattern
+        return pattern
+
+    def decision_table(self):
+        """The measured choices as plain data: ``{site: [{"rows", "dtype", "device", "input_grad",
+        "value_grad", "sparse", "dense_s", "sparse_s"}, ...]}`` (sites with none left out)."""
+        return {
+            name: [_decision_row(key, decision) for key, decision in decisions.items()]
+            for name, decisions in self.decisions.items()
+            if decisions
+        }
+
+    def report(self):
+        """:meth:`decision_table`, plus ``{"rows": None, "sparse": True, "forced": True}`` for each site
+        forced onto the sparse kernel."""
+        out = {name: [dict(entry) for entry in rows] for name, rows in self.decision_table().items()}
+        for name, pattern in self.patterns.items():
+            if pattern.policy == "sparse":
+                out.setdefault(name, []).append({"rows": None, "sparse": True, "forced": True})
+        return out
+
+    def set_decision_table(self, table, names):
+        """Use the choices of ``table`` (as :meth:`decision_table` returns) for the sites ``names``; sites
+        it names lose their other measured choices; ``ValueError`` for a bad table or unknown sites."""
+        parsed = parse_decision_table(table)
+        unknown = sorted(set(parsed) - set(names))
+        if unknown:
+            raise ValueError(f"kernel decisions: unknown site names {unknown}; the guide has {list(names)}")
+        for name, decisions in parsed.items():
+            shared = self.decisions.setdefault(name, {})
+            shared.clear()  # in place: built patterns hold this dict
+            shared.update(decisions)
+
+
+__all__ = ["KernelSelector", "LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "parse_decision_table",
+           "sparse_linear"]
