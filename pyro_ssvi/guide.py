@@ -344,6 +344,17 @@ class SparseSubspaceGuide(AutoGuide):
         """Flat positions of the active entries (the stored buffer; ``arange`` for a dense site)."""
         return self._site(name).active_index()
 
+    @property
+    def step(self):
+        """The SSVI steps this guide has been trained for (its ``ssvi_step`` buffer, checkpointed with it)."""
+        return int(self.ssvi_step)
+
+    def advance_step(self):
+        """Count one training step (:class:`~pyro_ssvi.SSVI` calls it after each step): entries refilled
+        later are born at the new count, and a resumed run continues the schedule from it."""
+        with torch.no_grad():
+            self.ssvi_step.add_(1)
+
     def entry_births(self, name):
         """Step at which each storage slot of ``name`` was last refilled by a subspace update (0: never).
 

@@ -276,7 +276,7 @@ class SSVI:
     @property
     def step_count(self):
         """Steps taken so far (stored in the guide's ``ssvi_step`` buffer, so it is checkpointed)."""
-        return int(self.sparse_guides[0].ssvi_step)
+        return self.sparse_guides[0].step
 
     def sparse_sites(self):
         """``(part, site name)`` for every sparse site of every sparse part."""
@@ -328,7 +328,7 @@ class SSVI:
         if update:
             self.updater.update(t, sites, capture.grads() if capture is not None else {}, self.optim)
         for guide in self.sparse_guides:
-            guide.ssvi_step.add_(1)
+            guide.advance_step()
         return loss
 
     def setup(self, *args, **kwargs):
@@ -342,7 +342,7 @@ class SSVI:
                 self.guide(*args, **kwargs)
         if not all(g.is_setup for g in self.sparse_guides):
             raise RuntimeError("guide: a SparseSubspaceGuide part was not set up by calling the guide list once")
-        counts = {int(g.ssvi_step) for g in self.sparse_guides}
+        counts = {g.step for g in self.sparse_guides}
         if len(counts) > 1:
             raise ValueError(f"guide: the sparse parts disagree on ssvi_step ({sorted(counts)}); load them from one checkpoint")
 

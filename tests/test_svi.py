@@ -32,7 +32,7 @@ def test_active_counts_never_change_and_history_is_recorded(digits):
     assert first["fraction"] == pytest.approx(0.25 * (1 + math.cos(math.pi * 10 / 45)))
     assert 0 < first["swapped"]["fc1.weight"] <= math.floor(first["fraction"] * 640)
     assert 0.0 <= first["abs_mean_overlap"]["fc1.weight"] <= 1.0
-    assert svi.step_count == 60 and int(guide.ssvi_step) == 60
+    assert svi.step_count == 60 and int(guide.ssvi_step) == 60 and guide.step == 60
 
 
 def _adam_state(optim, param):
