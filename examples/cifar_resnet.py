@@ -566,12 +566,25 @@ def bn_recalibration_batches(args, xtr, prep):
     return (prep(xtr[i : i + args.batch_size]) for i in range(0, n, args.batch_size))
 
 
+class ObservedLogits(pyro.poutine.messenger.Messenger):
+    """Reads the logits of the ``Categorical`` likelihood at the observed site ``name`` each time the
+    model runs under it (the last run's, detached, in :attr:`logits`)."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name, self.logits = name, None
+
+    def _pyro_post_sample(self, msg):
+        if msg["name"] == self.name and msg["is_observed"]:
+            self.logits = msg["fn"].logits.detach()
+
+
 class BayesianRun:
     """SSVI (or dense VI at ``--density 1``) of the Bayesian ResNet-18: model, guide, optimiser, schedule, SSVI.
 
-    The training accuracy comes from the logits the model returns inside ``svi.step``, which
-    ``SSVI.step`` does not pass on (it returns the loss): a forward hook on the network reads
-    them, registered only while :meth:`step` runs.
+    The training accuracy comes from the logits of the likelihood inside ``svi.step``, which
+    ``SSVI.step`` does not pass on (it returns the loss): :class:`ObservedLogits`, a Pyro handler
+    around the step, reads them at the observed site.
     """
 
     kinds = ("mc", "posterior_mean")
@@ -618,14 +631,10 @@ class BayesianRun:
     def step(self, xb, yb):
         """One SSVI step on a batch: ``(loss, logits)``; the loss is mean cross-entropy + kl_scale * KL / N."""
         self.kl.scale = self.args.kl_scale * min(2.0 * self.svi.step_count / self.total_steps, 1.0)
-        seen = {}
-        hook = self.model.net.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o))
-        try:
-            with self.kl, self.per_example:  # divide the ELBO by N: the recipe's loss
-                loss = self.svi.step(xb, yb)
-        finally:
-            hook.remove()
-        return loss, seen["logits"].detach()
+        observed = ObservedLogits("obs")
+        with self.kl, self.per_example, observed:  # divide the ELBO by N: the recipe's loss
+            loss = self.svi.step(xb, yb)
+        return loss, observed.logits
 
     def predict_batch(self, xb, mc_samples):
         out = {}

@@ -314,3 +314,29 @@ def test_val_fraction_is_checked_against_the_loaded_images_before_the_model(tmp_
     monkeypatch.setattr(cifar, "cifar_resnet18", built)
     with pytest.raises(cifar.UsageError, match="--val-fraction 0.996: leaves no training image of the 120"):
         cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--val-fraction", "0.996"] + SMALL)
+
+
+def test_observed_logits_are_the_likelihoods_of_the_step(cifar):
+    """The training accuracy's logits: read at the observed site, those of the pass that made the loss."""
+    import pyro
+
+    from pyro_ssvi import SSVI, BayesianClassifier, SparseSubspaceGuide, bayesianize
+
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    model = BayesianClassifier(bayesianize(torch.nn.Linear(5, 3)))
+    guide = SparseSubspaceGuide(model, density=0.5)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO(), total_steps=4)
+    seen = []
+    hook = model.net.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    observed = cifar.ObservedLogits("obs")
+    with observed:
+        svi.step(x, y)
+    hook.remove()
+    # the likelihood normalises its logits: the same up to a per-row constant, the same argmax
+    torch.testing.assert_close(observed.logits, seen[-1].log_softmax(-1))
+    with observed:  # a pass without the observed site leaves the last value
+        guide(x)
+    torch.testing.assert_close(observed.logits, seen[-1].log_softmax(-1))
+    pyro.clear_param_store()
