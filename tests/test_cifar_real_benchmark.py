@@ -43,7 +43,8 @@ def test_dry_run_prints_the_default_plan_and_runs_nothing(bench, capsys, tmp_pat
     for c in lines:
         assert flag(c, "--dataset") == "folder" and flag(c, "--data-dir") == str(tmp_path / "data")
         assert flag(c, "--shift") == "all" and flag(c, "--mc-samples") == "10"
-        assert flag(c, "--width") == "16" and flag(c, "--epochs") == "5"
+        assert flag(c, "--width") == "8" and flag(c, "--epochs") == "5"
+        assert flag(c, "--shift-severities") == "3,5" and flag(c, "--shift-images") == "2000"
         assert flag(c, "--out").startswith(str(tmp_path / "runs")) and flag(c, "--out").endswith(".json")
         assert flag(c, "--checkpoint").endswith(".pt") and "--resume" not in c and "--stop-after" not in c
     assert len({flag(c, "--out") for c in lines}) == 6 and len({flag(c, "--checkpoint") for c in lines}) == 6
@@ -117,7 +118,7 @@ def fake_result(key, seed):
             "shift": {"network": shift} if key == "deterministic" else {"mc": shift, "posterior_mean": shift},
             "active_params": 100000 if key.startswith("ssvi") else 1000000, "dense_params": 1000000, "guide_bytes": 4000 + seed,
             "seconds": 600.0 + 60 * seed, "train_flops_per_step": 1.5e10,
-            "epoch_log": [{"epoch": 1, "seconds": 300.0}, {"epoch": 2, "seconds": 100.0 + 2 * seed}, {"epoch": 3, "seconds": 90.0}]}
+            "epoch_log": [{"epoch": 1, "seconds": 300.0}, {"epoch": 2, "seconds": 100.0 + 2 * seed}, {"epoch": 3, "seconds": 90.0 + 2 * seed}]}
 
 
 def test_report_from_finished_runs(bench, tmp_path):
@@ -143,7 +144,7 @@ def test_report_from_finished_runs(bench, tmp_path):
     assert cells[1] == "2" and cells[2] == "79.50 ± 0.71"  # accuracy of the MC predictive, mean ± sd of 2 seeds
     assert cells[7] == "55.50 ± 0.71" and cells[10].startswith("0.170")  # shift accuracy at severity 3, ECE at 5
     assert cells[11] == "100,000" and cells[13] == "10.5 ± 0.7"
-    assert cells[14] == "90"  # the fastest epoch (a slow epoch of 300 s does not move it)
+    assert cells[14] == "91 ± 1"  # the fastest epoch, 90 and 92 s (a slow epoch of 300 s does not move it)
     det = next(line for line in md.splitlines() if line.startswith("| deterministic |"))
     assert "80.00" in det and "±" not in det.split("|")[3]
     assert payload["results"]["missing"] == [] and len(payload["results"]["runs"]) == 7
