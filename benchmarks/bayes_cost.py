@@ -46,7 +46,7 @@ try:
 except ImportError:  # a --baseline-ref commit from before the helpers moved to pyro_ssvi.scripts
     from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
-from cost import Worker, baseline_tree, median, run_group  # noqa: E402
+from cost import Worker, median, run_group, run_rounds  # noqa: E402
 
 #: configuration key -> (column name, guide: None (deterministic) / "autonormal" / density, LRT)
 CONFIGS = {
@@ -471,7 +471,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from tqdm.auto import tqdm
 
     networks = [(m, w) for m in args.models for w in (args.widths if m == "resnet18" else [0])]
     common = {"repeats": args.repeats, "warmup": args.warmup, "device": args.device, "batch": args.batch,
@@ -483,12 +482,7 @@ def main(argv=None):
         if args.baseline_ref:
             cfgs += [{**c, "baseline": args.baseline_ref, "profile_steps": 0} for c in cfgs if c["config"].startswith("ssvi0.1")]
         groups.append(cfgs)
-    runs = []
-    per_group = -(-(args.warmup + args.repeats) // max(args.block - 1, 1))
-    with contextlib.ExitStack() as stack, tqdm(total=len(groups) * per_group, desc="rounds") as progress:
-        tree = baseline_tree(args.baseline_ref, stack) if args.baseline_ref else None
-        for cfgs in groups:
-            runs += run_network(cfgs, progress, args.block, tree)
+    runs = run_rounds(groups, args, lambda cfgs, progress, tree: run_network(cfgs, progress, args.block, tree))
     md = report(args, runs)
     plot(args, runs)
     write_results("bayes_cost", md, runs, args)

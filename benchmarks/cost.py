@@ -248,6 +248,21 @@ def run_group(cfgs, package_roots, progress, block=1):
                 w.proc.kill()
 
 
+def run_rounds(groups, args, run_one):
+    """Every group of configurations (one table half or network) stepped in rotating rounds under one
+    progress bar; ``run_one(cfgs, progress, tree)`` runs a group, ``tree`` being the ``--baseline-ref``
+    worktree (checked out once for all groups) or ``None``. Returns the runs of all groups."""
+    from tqdm.auto import tqdm
+
+    runs = []
+    per_group = -(-(args.warmup + args.repeats) // max(args.block - 1, 1))  # rounds, about (update steps are timed apart)
+    with contextlib.ExitStack() as stack, tqdm(total=len(groups) * per_group, desc="rounds") as progress:
+        tree = baseline_tree(args.baseline_ref, stack) if args.baseline_ref else None
+        for cfgs in groups:
+            runs += run_one(cfgs, progress, tree)
+    return runs
+
+
 def baseline_tree(ref, stack):
     """A temporary git worktree of ``ref`` (removed when ``stack`` closes)."""
     import tempfile
@@ -382,7 +397,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from tqdm.auto import tqdm
 
     configs = [
         {"model": m, "density": d, "kernels": k, "lrt": lrt, "repeats": args.repeats, "warmup": args.warmup, "update_every": args.update_every, "flops_update_every": args.flops_update_every, "device": args.device, "width": args.width, "mlp_width": args.mlp_width}
@@ -393,12 +407,8 @@ def main(argv=None):
     groups = {}
     for c in configs:
         groups.setdefault((c["model"], c["lrt"]), []).append(c)
-    runs = []
-    per_group = -(-(args.warmup + args.repeats) // max(args.block - 1, 1))  # rounds, about (update steps are timed apart)
-    with contextlib.ExitStack() as stack, tqdm(total=len(groups) * per_group, desc="rounds") as progress:
-        tree = baseline_tree(args.baseline_ref, stack) if args.baseline_ref else None
-        for cfgs in groups.values():
-            runs += run_group(cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress, args.block)
+    runs = run_rounds(list(groups.values()), args, lambda cfgs, progress, tree: run_group(
+        cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress, args.block))
     md = report(args, runs)
     plot(args, runs)
     write_results("cost", md, runs, args)
