@@ -16,8 +16,8 @@ Times are medians of ``--repeats`` forward+backward passes, both kernels timed i
 in this run; the crossover is the largest measured density at which the sparse kernel is
 faster. "auto" is what ``SparseSubspaceGuide(sparse_kernels="auto")`` would pick for the layer
 (``pyro_ssvi.kernels.measure``, its own short measurement). Convolutions: 3x3 layers of a CIFAR
-ResNet-18 at density 0.1, dense ``F.conv2d`` against im2col (``F.unfold``) + the same sparse
-kernel. Writes results/sparse_kernels.{md,json,png}.
+ResNet-18 at density 0.1, dense ``F.conv2d`` against ``pyro_ssvi.kernels.sparse_conv2d`` (im2col
+by ``F.unfold`` + the same sparse kernel). Writes results/sparse_kernels.{md,json,png}.
 """
 
 import pathlib
@@ -75,25 +75,21 @@ def _ones(y):
     return torch.ones_like(y)
 
 
-def dense_conv_step(pattern, values, x, shape):
+def dense_conv_step(pattern, values, x):
     import torch.nn.functional as F
 
     v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
-    y = F.conv2d(xx, pattern.dense(v).reshape(shape), padding=1)
+    y = F.conv2d(xx, pattern.dense(v), padding=1)
     y.backward(_ones(y))
     return y, xx.grad, v.grad
 
 
-def sparse_conv_step(pattern, values, x, shape):
-    """im2col: ``unfold`` the input to ``(B * H * W, C_in * 9)`` rows, one sparse linear layer, fold back."""
-    import torch.nn.functional as F
-
-    from pyro_ssvi.kernels import sparse_linear
+def sparse_conv_step(pattern, values, x):
+    """``pyro_ssvi.kernels.sparse_conv2d``: im2col (``F.unfold``) and the CSR kernel."""
+    from pyro_ssvi.kernels import sparse_conv2d
 
     v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
-    b, _, h, w = x.shape
-    cols = F.unfold(xx, 3, padding=1).transpose(1, 2).reshape(b * h * w, -1)
-    y = sparse_linear(cols, v, pattern).reshape(b, h * w, shape[0]).transpose(1, 2).reshape(b, shape[0], h, w)
+    y = sparse_conv2d(xx, v, pattern, padding=1)
     y.backward(_ones(y))
     return y, xx.grad, v.grad
 
@@ -148,20 +144,22 @@ def measure_linear(args):
 def measure_conv(args):
     import torch
 
-    from pyro_ssvi.kernels import LinearPattern
+    from pyro_ssvi.kernels import ConvCall, LinearPattern, measure_conv2d
 
     rows = []
     for channels, size in CONVS:
         shape = (channels, channels, 3, 3)
         index, values = make_layer(channels * channels * 9, args.conv_density, args.device)
         x = torch.randn(args.conv_batch, channels, size, size, generator=torch.Generator().manual_seed(1)).to(args.device)
-        pattern = LinearPattern(index, (channels, channels * 9))  # the weight as (C_out, C_in * 3 * 3)
-        err, dense_s, sparse_s = compare(lambda: dense_conv_step(pattern, values, x, shape),
-                                         lambda: sparse_conv_step(pattern, values, x, shape), args.repeats, args.blocks, args.device)
+        pattern = LinearPattern(index, shape)  # a convolution pattern: the weight as its (C_out, C_in * 3 * 3) im2col matrix
+        err, dense_s, sparse_s = compare(lambda: dense_conv_step(pattern, values, x),
+                                         lambda: sparse_conv_step(pattern, values, x), args.repeats, args.blocks, args.device)
+        xg = x.detach().requires_grad_()
+        auto = measure_conv2d(pattern, xg, values.detach().requires_grad_(), ConvCall.of(xg, 1, 1, 1))["sparse"]
         rows.append({"channels": channels, "size": size, "density": args.conv_density, "dense_seconds": dense_s,
-                     "sparse_seconds": sparse_s, "max_relative_error": err})
+                     "sparse_seconds": sparse_s, "max_relative_error": err, "auto_picks_sparse": auto})
         print(f"conv {channels}x{channels}x3x3 at {size}x{size}: dense {dense_s * 1e3:.2f} ms, im2col + sparse {sparse_s * 1e3:.2f} ms "
-              f"({sparse_s / dense_s:.2f}x), rel. error {err:.1e}", flush=True)
+              f"({sparse_s / dense_s:.2f}x), rel. error {err:.1e}, auto: {'sparse' if auto else 'dense'}", flush=True)
     return rows
 
 
@@ -218,11 +216,13 @@ def main(argv=None):
     if convs:
         md += [
             f"\n## Convolutions (3x3, padding 1, batch {args.conv_batch}, density {args.conv_density})\n",
-            "The 3x3 layers of a CIFAR ResNet-18 (base width 64): dense `F.conv2d` on the scattered weight against im2col "
-            "(`F.unfold`) followed by the same sparse kernel, forward + backward.\n",
-            markdown_table(["channels", "input size", "dense ms", "im2col + sparse ms", "sparse / dense", "rel. error"],
+            "The 3x3 layers of a CIFAR ResNet-18 (base width 64): dense `F.conv2d` on the scattered weight against "
+            "`pyro_ssvi.kernels.sparse_conv2d` (im2col by `F.unfold`, then the same sparse kernel), forward + backward; "
+            "\"auto\" is what `sparse_kernels=\"auto\"` picks for the layer (`kernels.measure_conv2d`).\n",
+            markdown_table(["channels", "input size", "dense ms", "im2col + sparse ms", "sparse / dense", "rel. error", "auto"],
                            [[c["channels"], f"{c['size']}x{c['size']}", f"{c['dense_seconds'] * 1e3:.2f}", f"{c['sparse_seconds'] * 1e3:.2f}",
-                             f"{c['sparse_seconds'] / c['dense_seconds']:.2f}x", f"{c['max_relative_error']:.1e}"] for c in convs]),
+                             f"{c['sparse_seconds'] / c['dense_seconds']:.2f}x", f"{c['max_relative_error']:.1e}",
+                             "sparse" if c["auto_picks_sparse"] else "dense"] for c in convs]),
         ]
     md = "\n".join(md)
     plt = pyplot()

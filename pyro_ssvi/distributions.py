@@ -176,9 +176,10 @@ class SparseNormal(TorchDistribution):
     :param torch.Size shape: the dense shape of one draw of the site: its coordinate set. For a
         global site this is the event shape; for a plate-local site it is ``plate batch shape +
         event shape`` (see ``event_dim``).
-    :param pattern: a :class:`~pyro_ssvi.kernels.LinearPattern` of ``index`` (2-d sites), or ``None``.
-        With a pattern, an unbatched sample is a :class:`~pyro_ssvi.kernels.SparseWeight`: it holds
-        only the ``k`` active values, and ``F.linear`` on it runs sparse kernels.
+    :param pattern: a :class:`~pyro_ssvi.kernels.LinearPattern` of ``index`` (2-d sites and 4-d
+        convolution weights), or ``None``. With a pattern, an unbatched sample is a
+        :class:`~pyro_ssvi.kernels.SparseWeight`: it holds only the ``k`` active values, and
+        ``F.linear`` / ``F.conv2d`` on it run sparse kernels.
     :param int event_dim: how many rightmost dims of ``shape`` are event dims (default: all). The
         dims left of them, ``B = shape[:-event_dim]``, are the batch dims of the site's enclosing
         ``pyro.plate`` (s): the distribution's batch shape is then ``lead + B`` and its event shape
@@ -214,7 +215,7 @@ class SparseNormal(TorchDistribution):
         elif pattern is not None:
             if event_dim != len(shape):
                 raise ValueError("pattern: a plate-local site (event_dim < len(shape)) runs dense; pass pattern=None")
-            if pattern.shape != shape or pattern.num_active != k:
+            if pattern.weight_shape != shape or pattern.num_active != k:
                 raise ValueError(f"pattern: expected a pattern of {k} entries in shape {tuple(shape)}")
             index = pattern.index  # the pattern's int64 copy of this index, made once per active set
         else:

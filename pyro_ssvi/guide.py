@@ -128,13 +128,14 @@ class SparseSubspaceGuide(AutoGuide):
         ``sigma = delta * |mu|`` instead (MOPED, Krishnan, Subedar, Tickoo, AAAI 2020), floored at
         1e-8 (a zero mean gets ``init_scale``'s draw); for starting from a pretrained network.
     :param str scale_transform: ``"softplus"`` (default) or ``"exp"``: ``sigma = t(rho)``.
-    :param sparse_kernels: how ``F.linear`` runs on a sparse 2-d site (:mod:`pyro_ssvi.kernels`):
-        ``"auto"`` (default) measures the sparse kernel against the dense product the first
-        time each call shape occurs and keeps the faster (the sparse one only when it is below
-        ``kernels.SPARSE_MARGIN`` of the dense time); ``True`` always uses the sparse kernel;
-        ``False`` never (samples are dense, zero-filled tensors). A mapping ``site name ->
-        choice`` sets sites one by one (unnamed sites: ``"auto"``). Dense sites (density 1) and
-        sites that are not 2-d always run dense. :meth:`kernel_report` lists the measurements.
+    :param sparse_kernels: how ``F.linear`` runs on a sparse 2-d site, and ``F.conv2d`` on a sparse
+        4-d (convolution weight) site (:mod:`pyro_ssvi.kernels`): ``"auto"`` (default) measures the
+        sparse kernel against the dense product the first time each call shape occurs and keeps
+        the faster (the sparse one only when it is below ``kernels.SPARSE_MARGIN`` of the dense
+        time); ``True`` always uses the sparse kernel; ``False`` never (samples are dense,
+        zero-filled tensors). A mapping ``site name -> choice`` sets sites one by one (unnamed
+        sites: ``"auto"``). Dense sites (density 1), plate-local sites, sites of other ranks and
+        vectorised particles always run dense. :meth:`kernel_report` lists the measurements.
     """
 
     def __init__(
@@ -346,14 +347,28 @@ class SparseSubspaceGuide(AutoGuide):
 
     @property
     def step(self):
-        """The SSVI steps this guide has been trained for (its ``ssvi_step`` buffer, checkpointed with it)."""
-        return int(self.ssvi_step)
+        """The SSVI steps this guide has been trained for (its ``ssvi_step`` buffer, checkpointed with it).
+
+        Read from a host-side copy while the buffer is unchanged but for :meth:`advance_step`, so that
+        a training step does not wait for the device to read it; loading a state, moving the guide or
+        writing the buffer makes the next read come from the buffer."""
+        buffer, cached = self.ssvi_step, self.__dict__.get("_step_seen")
+        if cached is None or cached[0] is not buffer or cached[1] != buffer._version:
+            cached = self.__dict__["_step_seen"] = (buffer, buffer._version, int(buffer))
+        return cached[2]
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_step_seen", None)  # a copy's buffer starts a new version count: read it afresh
+        return state
 
     def advance_step(self):
         """Count one training step (:class:`~pyro_ssvi.SSVI` calls it after each step): entries refilled
         later are born at the new count, and a resumed run continues the schedule from it."""
+        now = self.step
         with torch.no_grad():
             self.ssvi_step.add_(1)
+        self.__dict__["_step_seen"] = (self.ssvi_step, self.ssvi_step._version, now + 1)
 
     def entry_births(self, name):
         """Step at which each storage slot of ``name`` was last refilled by a subspace update (0: never).

@@ -43,6 +43,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,10 @@ SPARSE_MARGIN = 0.9
 
 #: timed forward + backward passes per path when measuring a call shape (after one warm-up each)
 MEASURE_REPEATS = 5
+
+#: a sparse warm-up pass slower than this many dense warm-up passes decides for the dense path at once
+#: (no timed passes: a losing kernel, e.g. an im2col convolution at a large batch, costs one pass to rule out)
+EARLY_REJECT = 4.0
 
 #: functions that only read a tensor's metadata (answered by a SparseWeight without densifying)
 TENSOR_METADATA = frozenset({
@@ -98,12 +103,16 @@ def _compressed(major, minor, n_major, order, dtype):
 class LinearPattern:
     r"""CSR structures of an ``(out, in)`` weight with active flat positions ``index``, and of ``W^T``.
 
+    A convolution weight ``(out, in, *kernel)`` is described as its ``(out, in * prod(kernel))``
+    im2col matrix (the same row-major flat positions): ``shape`` is that matrix's, ``weight_shape``
+    the weight's own.
+
     ``index`` lists the active entries in the guide's storage order (any order, no repeats); the
     pattern remembers the permutations from that order to the row-major order of ``W`` and of
     ``W^T``, so values are passed in storage order.
 
     :param torch.Tensor index: flat (row-major) positions, shape ``(k,)``, any integer dtype.
-    :param shape: ``(out, in)``.
+    :param shape: ``(out, in)``, or ``(out, in, *kernel)`` for a convolution weight.
     :param str policy: ``"auto"`` (measure each call shape, :meth:`use_sparse`) or ``"sparse"``.
     :param dict decisions: measured choices to start from (a rebuilt pattern keeps its site's).
 
@@ -116,10 +125,11 @@ class LinearPattern:
     def __init__(self, index, shape, policy="auto", decisions=None):
         if policy not in ("auto", "sparse"):
             raise ValueError(f"policy: expected 'auto' or 'sparse', got {policy!r}")
-        if len(shape) != 2:
-            raise ValueError(f"shape: expected (out, in), got {tuple(shape)}")
+        if len(shape) < 2:
+            raise ValueError(f"shape: expected (out, in) or (out, in, *kernel), got {tuple(shape)}")
         self.source, self.version = index, index._version  # the active set this pattern was built from
-        self.shape, self.policy = torch.Size(shape), policy
+        self.weight_shape, self.policy = torch.Size(shape), policy
+        self.shape = torch.Size((shape[0], self.weight_shape[1:].numel()))
         self.decisions = {} if decisions is None else decisions
         out_f, in_f = self.shape
         flat = index.long()
@@ -178,20 +188,27 @@ class LinearPattern:
         """``W^T @ gt`` for ``gt`` of shape ``(out, n)``, through the CSR structure of ``W^T``."""
         return _bag(self.t_col, self.t_crow, gt, values.index_select(0, self.t_order))
 
-    def dense(self, values):
-        """The dense ``(out, in)`` weight (zeros off the active set); differentiable in ``values``."""
-        flat = values.new_zeros(self.shape.numel()).scatter(0, self.index, values)
-        return flat.reshape(self.shape)
+    @property
+    def is_conv(self):
+        """Whether this is the pattern of a convolution weight (more than two dims)."""
+        return len(self.weight_shape) > 2
 
-    def use_sparse(self, x2d, values):
-        """Whether the sparse kernel runs for this call; ``"auto"`` measures a new call shape once."""
+    def dense(self, values):
+        """The dense weight of shape ``weight_shape`` (zeros off the active set); differentiable in ``values``."""
+        flat = values.new_zeros(self.shape.numel()).scatter(0, self.index, values)
+        return flat.reshape(self.weight_shape)
+
+    def use_sparse(self, x2d, values, conv=None):
+        """Whether the sparse kernel runs for this call; ``"auto"`` measures a new call shape once.
+        ``x2d`` is the input of ``F.linear`` (rows, in), or with ``conv`` (a :class:`ConvCall`) that of
+        ``F.conv2d`` (``N, C, H, W``)."""
         if self.policy == "sparse":
             return True
-        key = (x2d.shape[0], x2d.dtype, x2d.device, torch.is_grad_enabled() and x2d.requires_grad,
-               torch.is_grad_enabled() and values.requires_grad)
+        key = (x2d.shape[0] if conv is None else conv, x2d.dtype, x2d.device,
+               torch.is_grad_enabled() and x2d.requires_grad, torch.is_grad_enabled() and values.requires_grad)
         decision = self.decisions.get(key)
         if decision is None:
-            decision = self.decisions[key] = measure(self, x2d, values)
+            decision = self.decisions[key] = measure(self, x2d, values) if conv is None else measure_conv2d(self, x2d, values, conv)
         return decision["sparse"]
 
 
@@ -254,6 +271,75 @@ def _sparse_linear(x2d, lead, values, pattern, bias):
     return y if bias is None else y + bias
 
 
+class ConvCall(NamedTuple):
+    """The call shape of a 2-d convolution: input shape ``(N, C, H, W)`` and the geometry, as pairs."""
+
+    input: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @classmethod
+    def of(cls, x, stride=1, padding=0, dilation=1):
+        """The call shape of ``F.conv2d(x, w, b, stride, padding, dilation)``, or ``None`` when the sparse
+        kernel does not cover it (an input that is not ``N, C, H, W``, a padding given as a string)."""
+        if x.dim() != 4 or isinstance(padding, str):
+            return None
+        return cls(tuple(x.shape), _pair(stride), _pair(padding), _pair(dilation))
+
+    def output_size(self, kernel):
+        """``(H_out, W_out)`` for a kernel of spatial size ``kernel``."""
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                     for n, k, s, p, d in zip(self.input[2:], kernel, self.stride, self.padding, self.dilation))
+
+
+def _pair(v):
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return tuple(int(i) for i in v)
+
+
+def _conv2d_t(x, values, pattern, call):
+    r"""``F.conv2d(x, W)`` as a contiguous ``(out, N, H_out, W_out)`` tensor, by im2col and the CSR kernel:
+    the columns ``X`` of ``x`` (``F.unfold``, ``(C k_h k_w, N H_out W_out)``) times the sparse
+    ``(out, C k_h k_w)`` matrix of ``W``, :math:`Y = W X`."""
+    kernel = pattern.weight_shape[2:]
+    cols = F.unfold(x, kernel, dilation=call.dilation, padding=call.padding, stride=call.stride)  # (N, Ckk, L)
+    xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (Ckk, N L): the CSR kernel's row table
+    yt = _CSRLinearT.apply(xt.t(), values, pattern)  # xt.t().contiguous() inside is a view: no copy
+    return yt.view((pattern.shape[0], x.shape[0]) + call.output_size(kernel))
+
+
+def sparse_conv2d(input, values, pattern, bias=None, stride=1, padding=0, dilation=1):
+    r"""``F.conv2d(input, W, bias, stride, padding, dilation)`` (``groups=1``) for the sparse ``W`` given by
+    ``values`` (storage order) on a convolution ``pattern`` (:class:`LinearPattern` of an
+    ``(out, in, k_h, k_w)`` weight), by im2col:
+
+    .. math:: Y_{:, n, l} = W\, X_{:, n, l} + b, \qquad X = \mathrm{unfold}(x) \in \mathbb R^{C k_h k_w \times N L}
+
+    with ``W`` the ``(out, C k_h k_w)`` CSR matrix of the active values. Differentiable in ``input``,
+    ``values`` and ``bias``; the backward pass forms neither a dense weight nor a dense weight gradient
+    (the value gradient is ``g X^T`` at the active positions only), at the price of the columns ``X``
+    (``k_h k_w`` times the input) kept for it.
+
+        >>> pattern = LinearPattern(torch.tensor([0, 4, 13]), (2, 1, 3, 3))
+        >>> v, x = torch.tensor([1., 2., 3.]), torch.randn(2, 1, 5, 5)
+        >>> torch.allclose(sparse_conv2d(x, v, pattern, padding=1), F.conv2d(x, pattern.dense(v), padding=1), atol=1e-6)
+        True
+    """
+    call = ConvCall.of(input, stride, padding, dilation)
+    if call is None or len(pattern.weight_shape) != 4 or input.shape[1] != pattern.weight_shape[1]:
+        raise RuntimeError(f"sparse_conv2d: expected an (N, {pattern.weight_shape[1]}, H, W) input, integer padding and a "
+                           f"4-d weight pattern, got input {tuple(input.shape)}, padding {padding!r}, weight {tuple(pattern.weight_shape)}")
+    return _sparse_conv2d(input, values, pattern, bias, call)
+
+
+def _sparse_conv2d(x, values, pattern, bias, call):
+    yt = _conv2d_t(x, values, pattern, call)
+    if bias is not None:
+        yt = yt + bias.view(-1, 1, 1, 1)
+    return yt.transpose(0, 1).contiguous()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -269,7 +355,8 @@ def _elapsed(fn, device):
 
 
 def measure(pattern, x2d, values, repeats=None):
-    """Time the dense and the sparse path of one call shape; returns ``{"sparse": bool, "dense_s", "sparse_s"}``.
+    """Time the dense and the sparse path of one ``F.linear`` call shape; returns ``{"sparse": bool,
+    "dense_s", "sparse_s"}``.
 
     Both paths run forward (and backward, for the gradients the call needs) on detached copies of
     the call's own input and values, alternately, one warm-up and ``repeats`` timed passes each
@@ -277,30 +364,48 @@ def measure(pattern, x2d, values, repeats=None):
     scatter into a zero weight, ``F.linear``, backward through both. Torch-function modes (Pyro
     handlers' interceptions) are off while timing.
     """
+    return _measure(x2d, values, lambda x, v: F.linear(x, pattern.dense(v)), lambda x, v: _csr_linear(x, v, pattern), repeats)
+
+
+def measure_conv2d(pattern, x, values, call, repeats=None):
+    """:func:`measure` for one ``F.conv2d`` call shape ``call`` (a :class:`ConvCall`): the dense path
+    scatters into a zero weight and runs ``F.conv2d``, the sparse one :func:`sparse_conv2d`."""
+    geometry = {"stride": call.stride, "padding": call.padding, "dilation": call.dilation}
+    return _measure(x, values, lambda x, v: F.conv2d(x, pattern.dense(v), **geometry),
+                    lambda x, v: _sparse_conv2d(x, v, pattern, None, call), repeats)
+
+
+def _measure(x, values, dense_fn, sparse_fn, repeats=None):
+    """Median seconds of ``dense_fn(x, v)`` and ``sparse_fn(x, v)`` (forward, and backward where the call
+    needs gradients) on detached copies, alternately; the decision of :func:`measure`. A sparse warm-up
+    pass over :data:`EARLY_REJECT` times the dense one decides for dense at once (``"early": True``,
+    warm-up seconds)."""
     repeats = MEASURE_REPEATS if repeats is None else repeats
     grad = torch.is_grad_enabled()
-    needs_x = grad and x2d.requires_grad
+    needs_x = grad and x.requires_grad
     needs_v = grad and values.requires_grad
-    x = x2d.detach().requires_grad_(needs_x)
+    x = x.detach().requires_grad_(needs_x)
     v = values.detach().requires_grad_(needs_v)
 
-    def dense():
-        y = F.linear(x, pattern.dense(v))
-        if needs_x or needs_v:
-            y.backward(torch.ones_like(y))
+    def run(fn, name):
+        def once():
+            y = fn(x, v)
+            if needs_x or needs_v:
+                y.backward(torch.ones_like(y))
+        once.__name__ = name  # "dense" / "sparse"
+        return once
 
-    def sparse():
-        y = _csr_linear(x, v, pattern)
-        if needs_x or needs_v:
-            y.backward(torch.ones_like(y))
+    paths = (("dense", run(dense_fn, "dense")), ("sparse", run(sparse_fn, "sparse")))
 
     times = {"dense": [], "sparse": []}
     try:
         with torch._C.DisableTorchFunction():
             for i in range(repeats + 1):
-                for name, fn in (("dense", dense), ("sparse", sparse)):
-                    seconds = _elapsed(fn, x.device)
-                    if i:  # the first pass of each warms up
+                passes = {name: _elapsed(fn, x.device) for name, fn in paths}
+                if not i and passes["sparse"] > EARLY_REJECT * passes["dense"]:
+                    return {"sparse": False, "dense_s": passes["dense"], "sparse_s": passes["sparse"], "early": True}
+                if i:  # the first pass of each warms up
+                    for name, seconds in passes.items():
                         times[name].append(seconds)
     except RuntimeError as e:  # no sparse kernel for this dtype / device
         return {"sparse": False, "dense_s": None, "sparse_s": None, "error": str(e).splitlines()[0]}
@@ -318,6 +423,9 @@ def _densify(obj):
     return obj
 
 
+#: the argument names of ``F.conv2d`` in order
+CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
 #: the functions of ``a + b`` (a sparse weight plus a dense tensor of its shape stays lazy: a shifted sparse weight)
 TENSOR_ADD = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__})
 
@@ -325,13 +433,14 @@ TENSOR_ADD = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch
 class SparseWeight(torch.Tensor):
     r"""A weight-shaped tensor that stores only its active values (on a :class:`LinearPattern`).
 
-    ``F.linear(x, w, b)`` runs :func:`sparse_linear` (when the pattern's choice says the sparse kernel
-    is faster for this call shape); every other operation receives the dense tensor (zeros off the
+    ``F.linear(x, w, b)`` runs :func:`sparse_linear`, and ``F.conv2d(x, w, b, stride, padding,
+    dilation)`` with ``groups=1`` on a convolution pattern runs :func:`sparse_conv2d` (each when the
+    pattern's choice says the sparse kernel is faster for this call shape); every other operation receives the dense tensor (zeros off the
     active set), built once and kept, so results never depend on the representation. Gradients flow
     to ``active`` either way.
 
     Adding a dense tensor of the same shape, ``w + s``, gives a *shifted* sparse weight that keeps
-    ``s`` apart: ``F.linear(x, w + s) = sparse_linear(x, w) + F.linear(x, s)``. This is how the zero
+    ``s`` apart: ``F.linear(x, w + s) = sparse_linear(x, w) + F.linear(x, s)`` (and so for ``F.conv2d``). This is how the zero
     probe of :class:`~pyro_ssvi.handlers.DataGradientMessenger` gets the dense data gradient on update
     steps without a dense copy of the weight.
 
@@ -352,7 +461,7 @@ class SparseWeight(torch.Tensor):
         if active.shape != (pattern.num_active,):
             raise ValueError(f"active: expected shape ({pattern.num_active},), got {tuple(active.shape)}")
         requires_grad = active.requires_grad or (shift is not None and shift.requires_grad)
-        w = torch.Tensor._make_wrapper_subclass(cls, pattern.shape, dtype=active.dtype, device=active.device, requires_grad=requires_grad)
+        w = torch.Tensor._make_wrapper_subclass(cls, pattern.weight_shape, dtype=active.dtype, device=active.device, requires_grad=requires_grad)
         w.active, w.pattern, w.shift, w._dense = active, pattern, shift, None
         return w
 
@@ -399,6 +508,8 @@ class SparseWeight(torch.Tensor):
         return yt if self.shift is None else yt + torch.mm(self.shift, x2d.t())
 
     def _linear(self, x, bias):
+        if self.pattern.is_conv:  # a convolution weight in F.linear: PyTorch's own error or result
+            return F.linear(x, self.materialize(), bias)
         _check_input(x, self.pattern.shape)
         x2d = x.reshape(-1, x.shape[-1])
         if not self.pattern.use_sparse(x2d, self.active):
@@ -406,11 +517,18 @@ class SparseWeight(torch.Tensor):
         y = _sparse_linear(x2d, x.shape[:-1], self.active, self.pattern, bias)
         return y if self.shift is None else y + F.linear(x, self.shift)
 
+    def _conv2d(self, x, bias, call):
+        """``F.conv2d(x, self, bias, ...)`` with the geometry ``call`` (a :class:`ConvCall` of ``x``)."""
+        if not self.pattern.use_sparse(x, self.active, call):
+            return F.conv2d(x, self.materialize(), bias, call.stride, call.padding, call.dilation)
+        y = _sparse_conv2d(x, self.active, self.pattern, bias, call)
+        return y if self.shift is None else y + F.conv2d(x, self.shift, None, call.stride, call.padding, call.dilation)
+
     def _shifted_by(self, other):
         """``self + other`` kept lazy, or ``None`` when ``other`` is not a dense tensor of this shape."""
         if isinstance(other, SparseWeight) or not torch.is_tensor(other):
             return None
-        if other.shape != self.pattern.shape or other.dtype != self.active.dtype or other.device != self.active.device:
+        if other.shape != self.pattern.weight_shape or other.dtype != self.active.dtype or other.device != self.active.device:
             return None
         return SparseWeight(self.active, self.pattern, other if self.shift is None else self.shift + other)
 
@@ -423,6 +541,15 @@ class SparseWeight(torch.Tensor):
             if isinstance(w, SparseWeight) and torch.is_tensor(x) and not isinstance(x, SparseWeight) \
                     and not isinstance(b, SparseWeight):
                 return w._linear(x, b)
+        elif func is F.conv2d:
+            call = dict(zip(CONV2D_ARGS, args), **kwargs)
+            w, x, b = call.get("weight"), call.get("input"), call.get("bias")
+            if isinstance(w, SparseWeight) and w.pattern.is_conv and len(w.pattern.weight_shape) == 4 \
+                    and torch.is_tensor(x) and not isinstance(x, SparseWeight) and not isinstance(b, SparseWeight) \
+                    and call.get("groups", 1) == 1:
+                shape = ConvCall.of(x, call.get("stride", 1), call.get("padding", 0), call.get("dilation", 1))
+                if shape is not None and x.shape[1] == w.pattern.weight_shape[1]:
+                    return w._conv2d(x, b, shape)
         elif func in TENSOR_ADD and not kwargs and len(args) == 2:
             a, b = args
             out = a._shifted_by(b) if isinstance(a, SparseWeight) else b._shifted_by(a)
@@ -442,17 +569,27 @@ class SparseWeight(torch.Tensor):
 
 
 def _decision_row(key, decision):
-    """One row of a decision table: a measured call shape ``key`` and its ``decision`` as plain data."""
-    rows, dtype, device, input_grad, value_grad = key
-    return {"rows": rows, "dtype": str(dtype), "device": str(device), "input_grad": bool(input_grad),
+    """One row of a decision table: a measured call shape ``key`` and its ``decision`` as plain data
+    (``"rows"``: the batch rows of an ``F.linear`` call; ``"conv2d"``: the :class:`ConvCall` of an
+    ``F.conv2d`` call, as lists)."""
+    shape, dtype, device, input_grad, value_grad = key
+    where = {"conv2d": {f: list(v) for f, v in shape._asdict().items()}} if isinstance(shape, ConvCall) else {"rows": shape}
+    return {**where, "dtype": str(dtype), "device": str(device), "input_grad": bool(input_grad),
             "value_grad": bool(value_grad), **decision}
+
+
+_KEY_FIELDS = ("rows", "conv2d", "dtype", "device", "input_grad", "value_grad")
 
 
 def _decision_key(row):
     """``(call-shape key, decision)`` of one row of a decision table (the inverse of :func:`_decision_row`)."""
     dtype = getattr(torch, row["dtype"].replace("torch.", ""))
-    key = (int(row["rows"]), dtype, torch.device(row["device"]), bool(row["input_grad"]), bool(row["value_grad"]))
-    decision = {k: v for k, v in row.items() if k not in ("rows", "dtype", "device", "input_grad", "value_grad")}
+    if "conv2d" in row:
+        shape = ConvCall(*(tuple(int(i) for i in row["conv2d"][f]) for f in ConvCall._fields))
+    else:
+        shape = int(row["rows"])
+    key = (shape, dtype, torch.device(row["device"]), bool(row["input_grad"]), bool(row["value_grad"]))
+    decision = {k: v for k, v in row.items() if k not in _KEY_FIELDS}
     return key, decision
 
 
@@ -471,14 +608,15 @@ def parse_decision_table(table):
             except (KeyError, TypeError, ValueError, AttributeError):
                 ok = False
             if not ok:
-                raise ValueError(f"kernel decisions of site {name!r}: a row needs rows, dtype, device, input_grad, "
+                raise ValueError(f"kernel decisions of site {name!r}: a row needs rows (or conv2d), dtype, device, input_grad, "
                                  f"value_grad and sparse (bool), got {row!r}")
             parsed[name][key] = decision
     return parsed
 
 
 class KernelSelector:
-    r"""Which kernel ``F.linear`` runs on each 2-d sparse site of a guide, and the measurements behind it.
+    r"""Which kernel ``F.linear`` / ``F.conv2d`` runs on each sparse weight site of a guide (2-d, or 4-d
+    convolution weights), and the measurements behind it.
 
     One :class:`LinearPattern` per site (rebuilt when the site's active set changes) and, per site,
     the measured choice of every call shape met (``"auto"``: :meth:`LinearPattern.use_sparse`), shared
@@ -515,10 +653,10 @@ class KernelSelector:
 
     def pattern(self, name, info, index):
         """Site ``name`` 's pattern for the active set ``index`` (rebuilt when ``index`` has changed), or
-        ``None`` when the site runs dense: a dense or plate-local site, one that is not 2-d, a site set to
+        ``None`` when the site runs dense: a dense or plate-local site, one that is not 2-d or 4-d, a site set to
         ``False``, and under ``torch.jit`` tracing (the same values; no timing inside a trace)."""
         choice = self.site_choice(name)
-        if info.full or info.plate_local or len(info.shape) != 2 or choice is False or torch.jit.is_tracing():
+        if info.full or info.plate_local or len(info.shape) not in (2, 4) or choice is False or torch.jit.is_tracing():
             return None
         pattern = self.patterns.get(name)
         if pattern is None or not pattern.built_from(index):
@@ -560,5 +698,5 @@ class KernelSelector:
             shared.update(decisions)
 
 
-__all__ = ["KernelSelector", "LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "parse_decision_table",
-           "sparse_linear"]
+__all__ = ["ConvCall", "KernelSelector", "LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
+           "parse_decision_table", "sparse_conv2d", "sparse_linear"]

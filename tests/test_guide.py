@@ -220,3 +220,30 @@ def test_dense_sites_store_no_index():
     state["indices.fc1.weight"] = torch.arange(5)
     with pytest.raises(ValueError, match="indices.fc1.weight"):  # checked before anything is copied
         guide.load_state_dict(state)
+
+
+def test_the_step_count_is_read_from_the_device_only_when_the_buffer_changed(monkeypatch):
+    """guide.step after advance_step() answers from the host (no device read per training step), and
+    follows writes, loads, copies and moves of the buffer."""
+    import copy
+
+    _, guide = setup_guide(density=0.5)
+    reads = []
+    real = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: (reads.append(t.shape), real(t))[1])
+    assert guide.step == 0 and len(reads) == 1
+    for n in range(1, 4):
+        guide.advance_step()
+        assert guide.step == n
+    assert len(reads) == 1  # counted on the host
+    state = copy.deepcopy(guide.state_dict())  # state_dict() tensors alias the buffers
+    with torch.no_grad():
+        guide.ssvi_step.fill_(10)
+    assert guide.step == 10 and len(reads) == 2
+    guide.load_state_dict(state)
+    assert guide.step == 3
+    copied = copy.deepcopy(guide)
+    guide.advance_step()
+    assert copied.step == 3 and guide.step == 4
+    guide.to(torch.device("cpu"), torch.float64)
+    assert guide.step == 4
