@@ -21,7 +21,9 @@ Each configuration runs in its own process (so the global Pyro parameter store a
 accounting are its own); the configurations of one network are stepped in rounds of ``--block``
 consecutive steps each, in a rotating order, exactly as ``cost.py`` does (its ``run_group``): the
 first step of a block, after the other processes ran, is timed apart as cold; the median of the
-other ``--repeats`` steps is the figure. The table gives each median over the deterministic one of
+other ``--repeats`` steps is the figure. ``--replicas N`` runs each configuration in N processes and
+pools their steps: on a shared machine a process's speed varies by several percent for its whole
+life, which rotating rounds cannot average out. The table gives each median over the deterministic one of
 the same run. A profile of one SSVI LRT step (``torch.profiler``, operators' self time aggregated
 into categories: forward convolutions, variance path, noise, LRT output, backward, guide,
 optimiser, and the Python left over: Pyro's tracing, handlers and torch-function interception)
@@ -46,7 +48,7 @@ try:
 except ImportError:  # a --baseline-ref commit from before the helpers moved to pyro_ssvi.scripts
     from pyro_ssvi.cli import ArgumentParser, run_main  # noqa: E402
 from common import add_common_flags, markdown_table, pyplot, save_figure, write_results  # noqa: E402
-from cost import Worker, median, run_group, run_rounds  # noqa: E402
+from cost import Worker, add_replicas_flag, median, run_group, run_rounds  # noqa: E402
 
 #: configuration key -> (column name, guide: None (deterministic) / "autonormal" / density, LRT)
 CONFIGS = {
@@ -322,14 +324,14 @@ class BayesWorker(Worker):
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def run_network(cfgs, progress, block, tree=None):
-    """cost.py's ``run_group`` (rotating rounds of ``block`` steps each) with this script's workers;
-    configurations marked ``baseline`` run the package of ``tree``."""
+def run_network(cfgs, progress, block, tree=None, replicas=1):
+    """cost.py's ``run_group`` (rotating rounds of ``block`` steps each, ``replicas`` processes per
+    configuration) with this script's workers; configurations marked ``baseline`` run the package of ``tree``."""
     import cost
 
     original, cost.Worker = cost.Worker, BayesWorker
     try:
-        return run_group(cfgs, [tree if c.get("baseline") else None for c in cfgs], progress, block)
+        return run_group(cfgs, [tree if c.get("baseline") else None for c in cfgs], progress, block, replicas)
     finally:
         cost.Worker = original
 
@@ -368,8 +370,9 @@ def report(args, runs):
     rel = ratios(runs)
     md = ["# The cost of being Bayesian: seconds per step over the deterministic step\n"]
     md.append(
-        f"Device: {args.device}, {args.threads} torch threads per process, batch {args.batch}. Each configuration in its own "
-        f"process; those of one network stepped in rotating rounds of {args.block} consecutive steps (the first of each "
+        f"Device: {args.device}, {args.threads} torch threads per process, batch {args.batch}. Each configuration in "
+        + (f"{args.replicas} processes of its own (their timed steps pooled); " if args.replicas > 1 else "its own process; ")
+        + f"those of one network stepped in rotating rounds of {args.block} consecutive steps (the first of each "
         f"block timed apart as cold), median of {args.repeats} timed steps after {args.warmup} warm-up steps. "
         "Deterministic: the nn.Module with torch.optim.SGD on cross-entropy. Bayesian: bayesianize + BayesianClassifier, "
         "TraceMeanField_ELBO, Adam; SSVI without subspace updates while timing. Cells: ms per step (x deterministic, "
@@ -446,6 +449,7 @@ def parse_args(argv):
     p.add_argument("--baseline-ref", default=None, help="also run the SSVI 0.1 configurations with the package at this git "
                    "commit (a temporary worktree), side by side: before / after in one run")
     p.add_argument("--quick", action="store_true", help="smoke run: ResNet-18 width 2 at batch 8, MLP width 16, 2 repeats")
+    add_replicas_flag(p)
     add_common_flags(p)
     args = p.parse_args(argv)
     if args.baseline_ref is not None:
@@ -464,8 +468,8 @@ def parse_args(argv):
         p.error(f"--configs: choose from {', '.join(CONFIGS)}")
     if args.quick:
         args.widths, args.batch, args.mlp_width, args.repeats, args.warmup, args.block, args.profile_steps = [2], 8, 16, 2, 1, 2, 1
-    if min(args.widths) < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0 or args.block < 1 or args.threads < 1:
-        p.error("--widths, --batch, --repeats, --block and --threads must be >= 1 and --warmup >= 0")
+    if min(args.widths) < 1 or min(args.batch, args.repeats, args.block, args.threads, args.replicas) < 1 or args.warmup < 0:
+        p.error("--widths, --batch, --repeats, --block, --threads and --replicas must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -482,7 +486,7 @@ def main(argv=None):
         if args.baseline_ref:
             cfgs += [{**c, "baseline": args.baseline_ref, "profile_steps": 0} for c in cfgs if c["config"].startswith("ssvi0.1")]
         groups.append(cfgs)
-    runs = run_rounds(groups, args, lambda cfgs, progress, tree: run_network(cfgs, progress, args.block, tree))
+    runs = run_rounds(groups, args, lambda cfgs, progress, tree: run_network(cfgs, progress, args.block, tree, args.replicas))
     md = report(args, runs)
     plot(args, runs)
     write_results("bayes_cost", md, runs, args)

@@ -221,10 +221,57 @@ class Worker:
         return out
 
 
-def run_group(cfgs, package_roots, progress, block=1):
+def replicate(cfgs, package_roots, replicas):
+    """Each configuration in ``replicas`` processes (``"replica": 0, 1, ...``; only replica 0 profiles)."""
+    out = [({**c, "replica": r, **({"profile_steps": 0} if r and c.get("profile_steps") else {})}, root)
+           for c, root in zip(cfgs, package_roots) for r in range(replicas)]
+    return [c for c, _ in out], [root for _, root in out]
+
+
+def pool_replicas(reports):
+    """One report per configuration from the reports of its replica processes: the timed steps pooled
+    (``seconds_all``, and ``seconds_per_step`` their median), the other medians as the median over
+    replicas, each process's median in ``replica_seconds``; everything else from replica 0."""
+    groups = {}
+    for r in reports:
+        groups.setdefault(json.dumps({k: v for k, v in r.items() if k in r.get("config_keys", ())}, sort_keys=True), []).append(r)
+    pooled = []
+    for runs in groups.values():
+        first = dict(runs[0])
+        first["seconds_all"] = sorted(t for r in runs for t in r["seconds_all"])
+        first["seconds_per_step"] = median(first["seconds_all"])
+        first["replica_seconds"] = [r["seconds_per_step"] for r in runs]
+        for k in ("cold_seconds_per_step", "update_step_seconds"):
+            if k in first:
+                first[k] = median([r[k] for r in runs if r.get(k) is not None])
+        first.pop("replica", None)
+        first.pop("config_keys", None)
+        pooled.append(first)
+    return pooled
+
+
+def round_order(n, i):
+    """The order of the ``n`` configurations in round ``i``: a permutation drawn with seed ``i`` (the same
+    in every run), so no configuration always follows the same one. The process that ran before leaves
+    warm caches for itself and spinning OpenMP threads for the next, whose first step pays for them;
+    in a fixed cyclic order that cost would fall on the same configuration every round."""
+    import random
+
+    order = list(range(n))
+    random.Random(i).shuffle(order)
+    return order
+
+
+def run_group(cfgs, package_roots, progress, block=1, replicas=1):
     """Time ``cfgs`` side by side: every round gives each configuration ``block`` consecutive steps
-    (the first of them cold when ``block > 1``), in a rotating order, so slow phases of a noisy machine
-    fall on all of them alike; rounds go on until each has ``repeats`` timed steps. Returns their reports."""
+    (the first of them cold when ``block > 1``), in an order that changes from round to round
+    (:func:`round_order`), so slow phases of a noisy machine
+    fall on all of them alike; rounds go on until each has ``repeats`` timed steps. With ``replicas > 1``
+    each configuration runs in that many processes (a process's speed varies by several percent on a
+    shared machine, for its whole life) and its figures pool theirs (:func:`pool_replicas`). Returns
+    one report per configuration."""
+    cfgs = [{**c, "config_keys": sorted(set(c) - {"replica", "profile_steps"})} for c in cfgs]
+    cfgs, package_roots = replicate(cfgs, package_roots, replicas)
     workers = [Worker(c, r) for c, r in zip(cfgs, package_roots)]
     try:
         for w in workers:
@@ -232,8 +279,7 @@ def run_group(cfgs, package_roots, progress, block=1):
         timed = [0] * len(workers)
         i = 0
         while min(timed) < cfgs[0]["repeats"]:
-            for j in range(len(workers)):
-                w = (i + j) % len(workers)
+            for w in round_order(len(workers), i):
                 if block > 1:
                     workers[w].step(cold=True)
                 target = timed[w] + max(block - 1, 1)
@@ -241,7 +287,7 @@ def run_group(cfgs, package_roots, progress, block=1):
                     timed[w] = workers[w].step()["timed"]
             progress.update(1)
             i += 1
-        return [w.report() for w in workers]
+        return pool_replicas([w.report() for w in workers])
     finally:
         for w in workers:
             if w.proc.poll() is None:
@@ -272,6 +318,12 @@ def baseline_tree(ref, stack):
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=ROOT, check=True, capture_output=True, text=True)
     stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     return tree
+
+
+def add_replicas_flag(parser):
+    parser.add_argument("--replicas", type=int, default=1, help="processes per configuration, their timed steps pooled "
+                        "(a process's speed varies by several percent for its whole life on a shared machine; 2 or 3 "
+                        "make a 5%% comparison trustworthy, at 2-3x the time and memory)")
 
 
 def guide_rows(args):
@@ -379,6 +431,7 @@ def parse_args(argv):
     p.add_argument("--mlp-width", type=int, default=1024, help="hidden width of the MLP")
     p.add_argument("--baseline-ref", default=None, help="also run SSVI 0.1 with the package at this git commit (a temporary worktree), "
                    "as 'today's SSVI' for the sparse-kernel targets")
+    add_replicas_flag(p)
     add_common_flags(p)
     args = p.parse_args(argv)
     if args.baseline_ref is not None:
@@ -388,8 +441,8 @@ def parse_args(argv):
     args.models = args.models.split(",")
     if set(args.models) - set(MODELS):
         p.error(f"--models: choose from {sorted(MODELS)}")
-    if args.repeats < 1 or args.warmup < 0 or args.block < 1:
-        p.error("--repeats and --block must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.block < 1 or args.replicas < 1:
+        p.error("--repeats, --block and --replicas must be >= 1 and --warmup >= 0")
     if args.update_every < 2:
         p.error("--update-every must be >= 2 (plain steps are timed between update steps)")
     return args
@@ -408,7 +461,7 @@ def main(argv=None):
     for c in configs:
         groups.setdefault((c["model"], c["lrt"]), []).append(c)
     runs = run_rounds(list(groups.values()), args, lambda cfgs, progress, tree: run_group(
-        cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress, args.block))
+        cfgs, [tree if c["kernels"] == "baseline" else None for c in cfgs], progress, args.block, args.replicas))
     md = report(args, runs)
     plot(args, runs)
     write_results("cost", md, runs, args)

@@ -3,13 +3,16 @@
 #
 #     bash benchmarks/device_check.sh OUTDIR          # from the repository root; pyro_ssvi importable
 #     bash benchmarks/device_check.sh OUTDIR real     # the real-CIFAR-10 comparison alone
+#     bash benchmarks/device_check.sh OUTDIR cost     # cost.py on CUDA alone (dense VI against SSVI)
 #
-# Default part ("all"): the CIFAR example's synthetic run at width 64, the cost benchmark and the
-# sparse-kernel table on CUDA, and the test suite with tensors on CUDA by default. Writes
+# Default part ("all"): the CIFAR example's synthetic run at width 64, the step-cost protocol
+# (bayes_cost.py: the deterministic ResNet-18 at width 64, batch 128, against SSVI 0.1 with weight
+# sampling and LRT, AutoNormal and our guide at density 1, with a profile of an SSVI LRT step),
+# the sparse-kernel table on CUDA, and the test suite with tensors on CUDA by default. Writes
 # OUTDIR/run.log (versions, GPU, the example's and the benchmarks' output), OUTDIR/cifar_w64.json,
-# OUTDIR/cost.{md,json,png}, OUTDIR/sparse_kernels.{md,json,png} and OUTDIR/suite.log. Each part
-# has its own time limit (seconds) so one slow part cannot starve the rest:
-#     CIFAR_LIMIT 100 + COST_LIMIT 150 + KERNELS_LIMIT 60 + SUITE_LIMIT 270 = 580 s at most.
+# OUTDIR/bayes_cost.{md,json,png}, OUTDIR/sparse_kernels.{md,json,png} and OUTDIR/suite.log. Each
+# part has its own time limit (seconds) so one slow part cannot starve the rest:
+#     CIFAR_LIMIT 80 + STEP_LIMIT 150 + KERNELS_LIMIT 60 + SUITE_LIMIT 270 = 560 s at most.
 #
 # "real": SSVI 0.1 and dense VI on the real CIFAR-10 images (the JPEG copy in
 # ../shared/data/cifar10/cifar10-jpeg.tar.gz, unpacked into $TMPDIR, decode cache in $TMPDIR too),
@@ -30,6 +33,15 @@ log="$out/run.log"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, pyro; print('torch', torch.__version__, 'pyro', pyro.__version__, torch.cuda.get_device_name(0))"
 } >"$log" 2>&1
+
+if [ "$part" = cost ]; then
+    echo "== benchmarks/cost.py --device cuda" >>"$log"
+    start=$(date +%s)
+    timeout "${COST_LIMIT:-300}" python3 benchmarks/cost.py --device cuda --models resnet18,mlp3 --repeats 5 --results-dir "$out" >>"$log" 2>&1
+    echo "cost rc=$? wall $(($(date +%s) - start)) s" >>"$log"
+    cat "$log"
+    exit 0
+fi
 
 if [ "$part" = real ]; then
     tmp=${TMPDIR:-/tmp}
@@ -83,14 +95,15 @@ fi
 
 echo "== cifar_resnet.py, synthetic, width 64" >>"$log"
 start=$(date +%s)
-timeout "${CIFAR_LIMIT:-100}" python3 examples/cifar_resnet.py --dataset synthetic --width 64 --epochs 2 \
+timeout "${CIFAR_LIMIT:-80}" python3 examples/cifar_resnet.py --dataset synthetic --width 64 --epochs 2 \
     --num-synthetic 4096 --batch-size 128 --device cuda --out "$out/cifar_w64.json" >>"$log" 2>&1
 echo "cifar rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 
-echo "== benchmarks/cost.py --device cuda" >>"$log"
+echo "== benchmarks/bayes_cost.py --device cuda (the step cost over the deterministic step, width 64, batch 128)" >>"$log"
 start=$(date +%s)
-timeout "${COST_LIMIT:-150}" python3 benchmarks/cost.py --device cuda --models resnet18,mlp3 --repeats 5 --results-dir "$out" >>"$log" 2>&1
-echo "cost rc=$? wall $(($(date +%s) - start)) s" >>"$log"
+timeout "${STEP_LIMIT:-150}" python3 benchmarks/bayes_cost.py --device cuda --models resnet18 --widths 64 \
+    --configs ssvi0.1-w,ssvi0.1-lrt,dense-w,autonormal-w --repeats 9 --profile-steps 2 --results-dir "$out" >>"$log" 2>&1
+echo "bayes_cost rc=$? wall $(($(date +%s) - start)) s" >>"$log"
 
 echo "== benchmarks/sparse_kernels.py --device cuda (what sparse_kernels=\"auto\" picks on the GPU)" >>"$log"
 start=$(date +%s)

@@ -1,4 +1,4 @@
-r"""Sparse kernels for linear layers whose weight is a sparse SSVI site.
+r"""Sparse kernels for linear and 2-d convolution layers whose weight is a sparse SSVI site.
 
 A sparse site keeps ``k = density * out * in`` active weights (Li, Miao, Qiu, Zhang, ICLR 2024,
 arXiv 2402.11025). Written as a dense, zero-filled ``(out, in)`` matrix, ``y = x W^T`` costs as
@@ -23,18 +23,22 @@ positions only). Values are read in storage order; when the storage is in the ro
   once per active set (the guide rebuilds it when a subspace update changes the set).
 * :func:`sparse_linear`: ``F.linear`` on active values and a pattern, differentiable in the
   input and the values.
+* :func:`sparse_conv2d`: ``F.conv2d`` the same way, by im2col: the ``(out, in k_h k_w)`` matrix
+  of the weight (the same row-major flat positions) times the unfolded input columns.
 * :class:`KernelSelector`: a guide's patterns and measured choices, site by site (the guide
   saves the choices in its ``state_dict()``).
 * :class:`SparseWeight`: a weight-shaped tensor that holds only the active values. A
-  :class:`~pyro_ssvi.SparseNormal` with a pattern samples one; ``F.linear`` on it runs the
-  sparse kernel, and any other operation sees the equivalent dense tensor (built on demand, so
+  :class:`~pyro_ssvi.SparseNormal` with a pattern samples one; ``F.linear`` / ``F.conv2d`` on
+  it run the sparse kernels, and any other operation sees the equivalent dense tensor (built on demand, so
   results are always exact). ``log_prob`` of the site reads the active values directly.
 
 Kernel choice. Sparse kernels win only at low density and large enough layers (see
 ``benchmarks/results/sparse_kernels.md``), so with ``policy="auto"`` each pattern *measures* both
-paths the first time it meets a call shape (batch rows, dtype, device, which gradients are
-needed): a few forward + backward passes of each, on the call's own input and values, and keeps
-the sparse kernel only when its median time is below :data:`SPARSE_MARGIN` times the dense one.
+paths the first time it meets a call shape (batch rows, or a convolution's :class:`ConvCall`;
+dtype, device, which gradients are needed): a few forward + backward passes of each, on the
+call's own input and values, and keeps the sparse kernel only when its median time is below
+:data:`SPARSE_MARGIN` times the dense one (a sparse warm-up pass over :data:`EARLY_REJECT` times
+the dense one decides for dense at once).
 ``policy="sparse"`` skips the measurement. Choose per site with the guide's ``sparse_kernels``
 argument.
 """
@@ -698,5 +702,5 @@ class KernelSelector:
             shared.update(decisions)
 
 
-__all__ = ["ConvCall", "KernelSelector", "LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
+__all__ = ["ConvCall", "EARLY_REJECT", "KernelSelector", "LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
            "parse_decision_table", "sparse_conv2d", "sparse_linear"]

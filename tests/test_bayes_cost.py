@@ -28,3 +28,36 @@ def test_bayes_cost_names_a_bad_flag():
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bayes_cost.py"), "--configs", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--configs" in res.stderr
+
+
+def test_replicas_pool_the_steps_of_each_configuration(tmp_path):
+    """--replicas 2: each configuration in two processes; one report each, with both processes' steps."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bayes_cost.py"), "--quick", "--models", "mlp", "--configs", "det,ssvi0.1-w",
+           "--threads", "1", "--replicas", "2", "--profile-steps", "0", "--results-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = json.loads((tmp_path / "bayes_cost.json").read_text())["results"]
+    assert sorted(r["config"] for r in runs) == ["det", "ssvi0.1-w"]
+    for r in runs:
+        assert len(r["replica_seconds"]) == 2 and len(r["seconds_all"]) >= 2 * 2  # --quick: 2 timed steps per process
+        assert "replica" not in r and "config_keys" not in r
+    assert "2 processes of its own" in (tmp_path / "bayes_cost.md").read_text()
+
+
+def test_pool_replicas_medians():
+    from conftest import load_script
+
+    cost = load_script(ROOT / "benchmarks" / "cost.py", "cost_for_pooling")  # upper medians
+    keys = ["config", "model"]
+    reports = [
+        {"config": "a", "model": "m", "config_keys": keys, "replica": 0, "seconds_all": [1.0, 3.0], "seconds_per_step": 2.0,
+         "cold_seconds_per_step": 5.0, "profile": {"x": 1}},
+        {"config": "a", "model": "m", "config_keys": keys, "replica": 1, "seconds_all": [2.0, 4.0, 6.0], "seconds_per_step": 4.0,
+         "cold_seconds_per_step": 7.0},
+        {"config": "b", "model": "m", "config_keys": keys, "replica": 0, "seconds_all": [9.0], "seconds_per_step": 9.0,
+         "cold_seconds_per_step": None},
+    ]
+    a, b = cost.pool_replicas(reports)
+    assert a["seconds_all"] == [1.0, 2.0, 3.0, 4.0, 6.0] and a["seconds_per_step"] == 3.0 and a["replica_seconds"] == [2.0, 4.0]
+    assert a["cold_seconds_per_step"] == 7.0 and a["profile"] == {"x": 1}  # replica 0's profile
+    assert b["seconds_per_step"] == 9.0 and b["replica_seconds"] == [9.0] and b["cold_seconds_per_step"] is None
