@@ -231,7 +231,8 @@ def replicate(cfgs, package_roots, replicas):
 def pool_replicas(reports):
     """One report per configuration from the reports of its replica processes: the timed steps pooled
     (``seconds_all``, and ``seconds_per_step`` their median), the other medians as the median over
-    replicas, each process's median in ``replica_seconds``; everything else from replica 0."""
+    replicas, each process's median in ``replica_seconds`` (and each one's kernel choices in
+    ``replica_kernel_choices`` when they differ); everything else from replica 0."""
     groups = {}
     for r in reports:
         groups.setdefault(json.dumps({k: v for k, v in r.items() if k in r.get("config_keys", ())}, sort_keys=True), []).append(r)
@@ -241,6 +242,9 @@ def pool_replicas(reports):
         first["seconds_all"] = sorted(t for r in runs for t in r["seconds_all"])
         first["seconds_per_step"] = median(first["seconds_all"])
         first["replica_seconds"] = [r["seconds_per_step"] for r in runs]
+        choices = [r.get("kernel_choices") for r in runs]
+        if any(c != choices[0] for c in choices):  # "auto" measured per process: say when the replicas chose differently
+            first["replica_kernel_choices"] = choices
         for k in ("cold_seconds_per_step", "update_step_seconds"):
             if k in first:
                 first[k] = median([r[k] for r in runs if r.get(k) is not None])

@@ -41,11 +41,17 @@ def world_size(process_group=None):
 
 def broadcast_state(module, process_group=None, src=0):
     """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place (entries of
-    ``state_dict()`` that are not tensors, such as a module's extra state, are left alone)."""
+    ``state_dict()`` that are not tensors, such as a module's extra state, are left alone).
+
+    Each tensor is received into a copy and then written with ``copy_``: a collective writing into a
+    tensor does not count as a write for its version counter, which what is derived from a buffer
+    (a guide's kernel patterns of its active sets, its host copy of the step count) checks."""
     with torch.no_grad():
         for tensor in module.state_dict(keep_vars=True).values():
             if torch.is_tensor(tensor):
-                dist.broadcast(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor, src, group=process_group)
+                received = tensor.detach().clone()
+                dist.broadcast(received, src, group=process_group)
+                tensor.copy_(received)
 
 
 def describe_state(module, prefix=""):

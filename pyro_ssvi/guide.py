@@ -351,7 +351,8 @@ class SparseSubspaceGuide(AutoGuide):
 
         Read from a host-side copy while the buffer is unchanged but for :meth:`advance_step`, so that
         a training step does not wait for the device to read it; loading a state, moving the guide or
-        writing the buffer makes the next read come from the buffer."""
+        writing the buffer in place (anything its version counter sees: not writes through ``.data``
+        or a NumPy view) makes the next read come from the buffer."""
         buffer, cached = self.ssvi_step, self.__dict__.get("_step_seen")
         if cached is None or cached[0] is not buffer or cached[1] != buffer._version:
             cached = self.__dict__["_step_seen"] = (buffer, buffer._version, int(buffer))

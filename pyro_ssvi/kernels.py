@@ -37,8 +37,8 @@ Kernel choice. Sparse kernels win only at low density and large enough layers (s
 paths the first time it meets a call shape (batch rows, or a convolution's :class:`ConvCall`;
 dtype, device, which gradients are needed): a few forward + backward passes of each, on the
 call's own input and values, and keeps the sparse kernel only when its median time is below
-:data:`SPARSE_MARGIN` times the dense one (a sparse warm-up pass over :data:`EARLY_REJECT` times
-the dense one decides for dense at once).
+:data:`SPARSE_MARGIN` times the dense one (a sparse pass over :data:`EARLY_REJECT` times
+the dense one, cold and again warm, decides for dense at once).
 ``policy="sparse"`` skips the measurement. Choose per site with the guide's ``sparse_kernels``
 argument.
 """
@@ -58,8 +58,9 @@ SPARSE_MARGIN = 0.9
 #: timed forward + backward passes per path when measuring a call shape (after one warm-up each)
 MEASURE_REPEATS = 5
 
-#: a sparse warm-up pass slower than this many dense warm-up passes decides for the dense path at once
-#: (no timed passes: a losing kernel, e.g. an im2col convolution at a large batch, costs one pass to rule out)
+#: a sparse pass slower than this many dense passes, in the warm-up and again in the first timed pass (so
+#: that one-time costs of a first call cannot decide), decides for the dense path at once: a losing
+#: kernel, e.g. an im2col convolution at a large batch, costs two passes to rule out, not all of them
 EARLY_REJECT = 4.0
 
 #: functions that only read a tensor's metadata (answered by a SparseWeight without densifying)
@@ -286,10 +287,12 @@ class ConvCall(NamedTuple):
     @classmethod
     def of(cls, x, stride=1, padding=0, dilation=1):
         """The call shape of ``F.conv2d(x, w, b, stride, padding, dilation)``, or ``None`` when the sparse
-        kernel does not cover it (an input that is not ``N, C, H, W``, a padding given as a string)."""
-        if x.dim() != 4 or isinstance(padding, str):
+        kernel does not cover it: an input that is not ``N, C, H, W`` or has no elements, a padding given
+        as a string, a geometry that is not one integer or two per argument."""
+        if x.dim() != 4 or x.numel() == 0 or isinstance(padding, str):
             return None
-        return cls(tuple(x.shape), _pair(stride), _pair(padding), _pair(dilation))
+        geometry = tuple(_pair(v) for v in (stride, padding, dilation))
+        return None if None in geometry else cls(tuple(x.shape), *geometry)
 
     def output_size(self, kernel):
         """``(H_out, W_out)`` for a kernel of spatial size ``kernel``."""
@@ -298,8 +301,11 @@ class ConvCall(NamedTuple):
 
 
 def _pair(v):
-    v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    return tuple(int(i) for i in v)
+    """``(v, v)`` for an integer, the pair for a sequence of one or two (as ``F.conv2d`` reads them), else ``None``."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    if len(v) not in (1, 2) or not all(isinstance(i, int) for i in v):
+        return None
+    return v * 2 if len(v) == 1 else v
 
 
 def _conv2d_t(x, values, pattern, call):
@@ -381,9 +387,9 @@ def measure_conv2d(pattern, x, values, call, repeats=None):
 
 def _measure(x, values, dense_fn, sparse_fn, repeats=None):
     """Median seconds of ``dense_fn(x, v)`` and ``sparse_fn(x, v)`` (forward, and backward where the call
-    needs gradients) on detached copies, alternately; the decision of :func:`measure`. A sparse warm-up
-    pass over :data:`EARLY_REJECT` times the dense one decides for dense at once (``"early": True``,
-    warm-up seconds)."""
+    needs gradients) on detached copies, alternately; the decision of :func:`measure`. A sparse pass
+    over :data:`EARLY_REJECT` times the dense one in the warm-up and in the first timed pass decides
+    for dense at once (``"early": True``, that pass's seconds)."""
     repeats = MEASURE_REPEATS if repeats is None else repeats
     grad = torch.is_grad_enabled()
     needs_x = grad and x.requires_grad
@@ -402,12 +408,15 @@ def _measure(x, values, dense_fn, sparse_fn, repeats=None):
     paths = (("dense", run(dense_fn, "dense")), ("sparse", run(sparse_fn, "sparse")))
 
     times = {"dense": [], "sparse": []}
+    rejecting = False
     try:
         with torch._C.DisableTorchFunction():
             for i in range(repeats + 1):
                 passes = {name: _elapsed(fn, x.device) for name, fn in paths}
-                if not i and passes["sparse"] > EARLY_REJECT * passes["dense"]:
+                slow = passes["sparse"] > EARLY_REJECT * passes["dense"]
+                if i == 1 and slow and rejecting:  # slow when cold and warm alike
                     return {"sparse": False, "dense_s": passes["dense"], "sparse_s": passes["sparse"], "early": True}
+                rejecting = not i and slow
                 if i:  # the first pass of each warms up
                     for name, seconds in passes.items():
                         times[name].append(seconds)
@@ -552,7 +561,8 @@ class SparseWeight(torch.Tensor):
                     and torch.is_tensor(x) and not isinstance(x, SparseWeight) and not isinstance(b, SparseWeight) \
                     and call.get("groups", 1) == 1:
                 shape = ConvCall.of(x, call.get("stride", 1), call.get("padding", 0), call.get("dilation", 1))
-                if shape is not None and x.shape[1] == w.pattern.weight_shape[1]:
+                if shape is not None and x.shape[1] == w.pattern.weight_shape[1] \
+                        and (b is None or (torch.is_tensor(b) and b.shape == w.pattern.weight_shape[:1])):
                     return w._conv2d(x, b, shape)
         elif func in TENSOR_ADD and not kwargs and len(args) == 2:
             a, b = args

@@ -61,3 +61,6 @@ def test_pool_replicas_medians():
     assert a["seconds_all"] == [1.0, 2.0, 3.0, 4.0, 6.0] and a["seconds_per_step"] == 3.0 and a["replica_seconds"] == [2.0, 4.0]
     assert a["cold_seconds_per_step"] == 7.0 and a["profile"] == {"x": 1}  # replica 0's profile
     assert b["seconds_per_step"] == 9.0 and b["replica_seconds"] == [9.0] and b["cold_seconds_per_step"] is None
+    assert "replica_kernel_choices" not in a
+    reports[0]["kernel_choices"], reports[1]["kernel_choices"] = {"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}
+    assert cost.pool_replicas(reports)[0]["replica_kernel_choices"] == [{"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}]

@@ -68,7 +68,12 @@ def train(rank, world, case):
         optim = torch.optim.Adam(loss.parameters(), lr=0.01)
     else:
         optim = pyro.optim.Adam({"lr": 0.01})
-    svi = SSVI(model, guide, optim, loss, total_steps=16, update_every=3, addition=addition, removal_fraction=0.5)
+    if case == "resumed":  # rank 0 resumed at step 10; both ranks' kernel patterns built for their own active sets
+        guide(x[:2], y[:2])
+        if rank == 0:
+            with torch.no_grad():
+                guide.ssvi_step.fill_(10)
+    svi = SSVI(model, guide, optim, loss, total_steps=40 if case == "resumed" else 16, update_every=3, addition=addition, removal_fraction=0.5)
     losses = []
     for step in range(12):
         if case == "desync" and rank == 1 and step == 5:  # test-only: rank 1's active set drifts
@@ -76,8 +81,11 @@ def train(rank, world, case):
             index[:5] = torch.tensor([i for i in range(48) if i not in set(index.tolist())][:5], dtype=index.dtype)
         xs = x[shard] * float("nan") if case == "nonfinite" and rank == 1 and step == 4 else x[shard]
         losses.append(svi.step(xs, y[shard]))
+        if step == 0:  # the patterns the first step ran on describe the broadcast active sets
+            stale = [n for n in ("fc1.weight", "fc2.weight") if n in guide.kernels.patterns
+                     and not torch.equal(guide.kernels.patterns[n].index, guide.active_index(n).long())]
     state = {k: v.detach().clone() for k, v in guide.state_dict().items() if torch.is_tensor(v)}
-    return {"state": state, "history": svi.history, "losses": losses}
+    return {"state": state, "history": svi.history, "losses": losses, "step_count": svi.step_count, "stale": stale}
 
 
 def run(tmp_path, case):
@@ -101,6 +109,19 @@ def test_ranks_keep_identical_guides_through_updates(tmp_path, case):
     for key in a["state"]:
         assert torch.equal(a["state"][key], b["state"][key]), key  # active sets, means, scales, births
     assert a["history"] == b["history"]
+
+
+def test_a_resumed_rank_0_sets_every_rank_s_step_count_and_active_sets(tmp_path):
+    """The start-of-run broadcast reaches what is derived from the guide's buffers: the step count
+    (read from a host copy) and the kernel patterns of the active sets rank 1 drew for itself."""
+    results, errors = run(tmp_path, "resumed")
+    assert not errors, errors
+    a, b = results[0], results[1]
+    assert a["step_count"] == b["step_count"] == 22
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [12, 15, 18, 21]
+    assert a["stale"] == b["stale"] == []
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
 
 
 def test_a_desynchronised_active_set_is_detected_and_named(tmp_path):

@@ -247,3 +247,5 @@ def test_the_step_count_is_read_from_the_device_only_when_the_buffer_changed(mon
     assert copied.step == 3 and guide.step == 4
     guide.to(torch.device("cpu"), torch.float64)
     assert guide.step == 4
+    guide.ssvi_step = torch.tensor(7)  # a new buffer tensor (as a move to another device makes)
+    assert guide.step == 7

@@ -3,6 +3,7 @@ path (outputs and gradients, relative 1e-5, before and after subspace updates, w
 the data-gradient probe), the measured choice and its place in the guide's state, the fallbacks."""
 
 import contextlib
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -85,24 +86,42 @@ def test_f_conv2d_on_a_sparse_weight_runs_the_kernel(shifted, style, monkeypatch
         assert close(a, r)
 
 
-@pytest.mark.parametrize("case", ["groups", "same-padding", "unbatched", "channels"])
+@pytest.mark.parametrize("case", ["groups", "same-padding", "unbatched", "empty", "channels", "bias-shape", "padding-4"])
 def test_calls_the_kernel_does_not_cover_run_dense_and_exact(case):
-    """Grouped convolutions, string padding and unbatched inputs get the dense tensor (same result);
-    a channel mismatch gets PyTorch's own error."""
+    """Grouped convolutions, string padding, unbatched and empty inputs get the dense tensor (same
+    result); a channel mismatch, a bias of the wrong shape and a 4-element padding get PyTorch's own error."""
     pattern = random_pattern((6, 2, 3, 3) if case == "groups" else (6, 4, 3, 3))
     values = torch.randn(pattern.num_active)
     w, dense = SparseWeight(values, pattern), pattern.dense(values)
+    x, kw = torch.randn(2, 4, 7, 7), {}
     if case == "groups":
-        x, kw = torch.randn(2, 4, 7, 7), {"groups": 2}
+        kw = {"groups": 2}
     elif case == "same-padding":
-        x, kw = torch.randn(2, 4, 7, 7), {"padding": "same"}
+        kw = {"padding": "same"}
     elif case == "unbatched":
-        x, kw = torch.randn(4, 7, 7), {}
+        x = torch.randn(4, 7, 7)
+    elif case == "empty":
+        x = torch.randn(0, 4, 7, 7)
     else:
-        with pytest.raises(RuntimeError):
-            F.conv2d(torch.randn(2, 5, 7, 7), w)
+        x, kw = {"channels": (torch.randn(2, 5, 7, 7), {}), "bias-shape": (x, {"bias": torch.randn(6, 1)}),
+                 "padding-4": (x, {"padding": (1, 1, 1, 1)})}[case]
+        with pytest.raises(RuntimeError) as dense_error:
+            F.conv2d(x, dense, **kw)
+        with pytest.raises(RuntimeError, match=re.escape(str(dense_error.value).splitlines()[0][:40])):
+            F.conv2d(x, w, **kw)
         return
     assert torch.equal(F.conv2d(x, w, **kw), F.conv2d(x, dense, **kw))
+
+
+def test_one_element_geometry_tuples_run_the_sparse_kernel(monkeypatch):
+    """``stride=(2,)`` etc. mean ``(2, 2)`` to ``F.conv2d``, and to the sparse kernel alike."""
+    pattern = random_pattern((6, 4, 3, 3))
+    values = torch.randn(pattern.num_active, requires_grad=True)
+    x = torch.randn(2, 4, 9, 9)
+    ref = F.conv2d(x, pattern.dense(values), None, 2, 1, 2)
+    monkeypatch.setattr(LinearPattern, "dense", lambda self, v: pytest.fail("dense weight materialised"))
+    y = F.conv2d(x, SparseWeight(values, pattern), None, (2,), [1], (2,))
+    assert close(y, ref)
 
 
 def test_sparse_conv2d_rejects_what_it_does_not_cover():
@@ -262,19 +281,43 @@ def test_the_choice_is_measured_per_convolution_call_shape_and_saved():
     assert fresh.kernel_decisions() == table
 
 
-def test_a_slow_sparse_warm_up_decides_for_dense_at_once(monkeypatch):
-    """The early rejection: a sparse warm-up over EARLY_REJECT dense ones is the decision (one pass each)."""
+@pytest.mark.parametrize("kind", ["conv2d", "linear"])
+def test_a_sparse_path_slow_cold_and_warm_decides_for_dense_at_once(kind, monkeypatch):
+    """The early rejection: a sparse pass over EARLY_REJECT dense ones in the warm-up and again in the
+    first timed pass is the decision (two passes each); slow only when cold (a first call's one-time
+    costs) does not decide."""
     from pyro_ssvi import kernels
 
-    pattern = random_pattern((6, 4, 3, 3), policy="auto")
-    x, v = torch.randn(2, 4, 8, 8), torch.randn(pattern.num_active)
-    for sparse_seconds, early in ((kernels.EARLY_REJECT + 0.5, True), (kernels.EARLY_REJECT - 0.5, False)):
+    if kind == "conv2d":
+        pattern = random_pattern((6, 4, 3, 3), policy="auto")
+        x = torch.randn(2, 4, 8, 8)
+
+        def measure(v):
+            return measure_conv2d(pattern, x, v, ConvCall.of(x, 1, 1, 1))
+    else:
+        pattern = random_pattern((6, 8), policy="auto")
+        x = torch.randn(3, 8)
+
+        def measure(v):
+            return kernels.measure(pattern, x, v)
+    v = torch.randn(pattern.num_active)
+    slow, fast = kernels.EARLY_REJECT + 0.5, kernels.EARLY_REJECT - 0.5
+    full = 2 * (kernels.MEASURE_REPEATS + 1)
+    for sparse_seconds, early, passes in (([slow, slow], True, 4), ([slow, fast], False, full), ([fast, slow], False, full)):
         calls = []
-        cost = {"dense": 1.0, "sparse": sparse_seconds}
-        monkeypatch.setattr(kernels, "_elapsed", lambda fn, device: (calls.append(fn.__name__), fn(), cost[fn.__name__])[2])
-        result = measure_conv2d(pattern, x, v, ConvCall.of(x, 1, 1, 1))
+
+        def elapsed(fn, device):
+            calls.append(fn.__name__)
+            fn()
+            if fn.__name__ == "dense":
+                return 1.0
+            n = calls.count("sparse")
+            return sparse_seconds[n - 1] if n <= 2 else fast
+
+        monkeypatch.setattr(kernels, "_elapsed", elapsed)
+        result = measure(v)
         assert result["sparse"] is False and result.get("early", False) is early
-        assert len(calls) == (2 if early else 2 * (kernels.MEASURE_REPEATS + 1))
+        assert len(calls) == passes
 
 
 def test_decision_rows_round_trip():
