@@ -247,10 +247,11 @@ def set_rng_state(state):
 # new flag is part of the identity unless it is added here. --bn-batches is a training flag: it
 # recomputes the batch-norm statistics that training goes on from after each validation.
 # --shift and --calibrate are evaluation: the temperature is fitted after training, on the
-# validation split, and never changes the trained weights.
+# validation split, and never changes the trained weights. --kernel-decisions only starts a new
+# run (the checkpoints then carry the choices in the guide's state).
 EVAL_FLAGS = (
     "mc_samples", "out", "plot", "ood", "no_progress", "checkpoint", "resume", "overwrite", "stop_after", "eval_only",
-    "data_dir", "download", "device", "shift", "shift_severities", "shift_images", "calibrate",
+    "data_dir", "download", "device", "shift", "shift_severities", "shift_images", "calibrate", "kernel_decisions",
 )
 #: flags that fix the model and the data: --eval-only needs a checkpoint that agrees on them
 MODEL_FLAGS = ("dataset", "width", "density", "prior_scale", "subset", "val_fraction", "num_synthetic", "seed", "deterministic",
@@ -597,6 +598,11 @@ class BayesianRun:
         finally:
             model.train()
         clear_pretrained_values(model)  # the weights bayesianize kept: the guide has read them
+        if args.kernel_decisions:
+            try:
+                guide.set_kernel_decisions(read_kernel_decisions(args.kernel_decisions))
+            except ValueError as e:
+                raise UsageError(f"--kernel-decisions {args.kernel_decisions}: {_first_line(e)}") from e
         groups = [
             {"params": list(guide.locs.parameters()), "lr": args.lr, "weight_decay": args.weight_decay},
             {"params": list(guide.unconstrained_scales.parameters()), "lr": args.lr_scale, "weight_decay": 0.0},
@@ -659,6 +665,10 @@ class BayesianRun:
 
     def updates(self):
         return len(self.svi.history)
+
+    def kernel_decisions(self):
+        """The sparse-kernel choices the run took (``--kernel-decisions`` takes them back)."""
+        return self.guide.kernel_decisions()
 
     def costs(self, xb):
         """Active weights, bytes of the guide and its optimiser state, counted FLOPs per training step."""
@@ -838,6 +848,9 @@ def build_parser():
       "and report calibrated test NLL and ECE too")
     a("--deterministic", action="store_true", help="the baseline: train the same ResNet-18 as a plain network with SGD on the "
       "cross-entropy (no guide, no KL, no MC)")
+    a("--kernel-decisions", default=None, metavar="JSON", help="take the sparse-kernel choices from JSON (a previous run's --out "
+      "file, or a table as guide.kernel_decisions() returns) instead of measuring them: a new run with the same flags and "
+      "seed then takes that run's kernel paths and repeats its numbers (the measurement depends on the machine's load)")
     a("--init-from", default=None, help="start from a --deterministic run's checkpoint or a plain ResNet18 state_dict of the same "
       "width and classes (magnitude subspace at its weights); --epochs are then fine-tuning epochs")
     a("--lr", type=float, default=0.01, help="learning rate of the means and deterministic parameters")
@@ -1007,6 +1020,35 @@ def _check_init_from(p, args):
         p.error(f"--init-from {args.init_from}: the same file as --checkpoint; the run would overwrite its own start")
 
 
+def read_kernel_decisions(path):
+    """The kernel decision table in ``path``: a run's ``--out`` JSON (its ``kernel_decisions``) or the table
+    itself; ``ValueError`` saying what is wrong."""
+    from pyro_ssvi.kernels import parse_decision_table
+
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"not a readable JSON file ({_first_line(e)})") from None
+    table = obj.get("kernel_decisions", obj) if isinstance(obj, dict) else obj
+    parse_decision_table(table)
+    return table
+
+
+def _check_kernel_decisions(p, args):
+    """--kernel-decisions: a readable decision table, for a new Bayesian run."""
+    if args.kernel_decisions is None:
+        return
+    if args.deterministic:
+        p.error("--kernel-decisions: a --deterministic run has no sparse kernels")
+    if args.resume or args.eval_only:
+        p.error(f"--kernel-decisions: {'--resume' if args.resume else '--eval-only'} takes the choices saved in the checkpoint")
+    try:
+        read_kernel_decisions(args.kernel_decisions)
+    except ValueError as e:
+        p.error(f"--kernel-decisions {args.kernel_decisions}: {_first_line(e)}")
+
+
 def parse_args(argv):
     """The flags, every one checked (ranges, files, checkpoint) before any data is loaded."""
     p = build_parser()
@@ -1018,6 +1060,7 @@ def parse_args(argv):
     _check_evaluation(p, args)
     _check_checkpoint(p, args)
     _check_init_from(p, args)
+    _check_kernel_decisions(p, args)
     _check_outputs(p, args)
     return args
 
@@ -1185,6 +1228,7 @@ def _main(args, rank, world, device):
         "eval_only": args.eval_only,
         "seconds": elapsed,
         "updates": run.updates(),
+        **({"kernel_decisions": run.kernel_decisions()} if hasattr(run, "kernel_decisions") else {}),
         "epoch_log": epochs_log,
         "args": flags,
     }

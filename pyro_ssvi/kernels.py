@@ -58,6 +58,11 @@ SPARSE_MARGIN = 0.9
 #: timed forward + backward passes per path when measuring a call shape (after one warm-up each)
 MEASURE_REPEATS = 5
 
+#: convolutions with fewer multiply-adds than this (dense count, per call) run dense without a measurement:
+#: there the choice saves next to nothing (the sparse path measured slower for every ResNet-18 layer on a CPU,
+#: see ``benchmarks/results/sparse_kernels.md``), and timing such small calls would make it depend on noise
+MIN_CONV_MACS = 2**24
+
 #: a sparse pass slower than this many dense passes, in the warm-up and again in the first timed pass (so
 #: that one-time costs of a first call cannot decide), decides for the dense path at once: a losing
 #: kernel, e.g. an im2col convolution at a large batch, costs two passes to rule out, not all of them
@@ -206,15 +211,26 @@ class LinearPattern:
     def use_sparse(self, x2d, values, conv=None):
         """Whether the sparse kernel runs for this call; ``"auto"`` measures a new call shape once.
         ``x2d`` is the input of ``F.linear`` (rows, in), or with ``conv`` (a :class:`ConvCall`) that of
-        ``F.conv2d`` (``N, C, H, W``)."""
+        ``F.conv2d`` (``N, C, H, W``); a convolution below :data:`MIN_CONV_MACS` runs dense unmeasured."""
         if self.policy == "sparse":
             return True
         key = (x2d.shape[0] if conv is None else conv, x2d.dtype, x2d.device,
                torch.is_grad_enabled() and x2d.requires_grad, torch.is_grad_enabled() and values.requires_grad)
         decision = self.decisions.get(key)
         if decision is None:
-            decision = self.decisions[key] = measure(self, x2d, values) if conv is None else measure_conv2d(self, x2d, values, conv)
+            if conv is None:
+                decision = measure(self, x2d, values)
+            elif self.conv_macs(conv) < MIN_CONV_MACS:
+                decision = {"sparse": False, "dense_s": None, "sparse_s": None, "below_min_work": True}
+            else:
+                decision = measure_conv2d(self, x2d, values, conv)
+            self.decisions[key] = decision
         return decision["sparse"]
+
+    def conv_macs(self, conv):
+        """Multiply-adds of the dense ``F.conv2d`` call ``conv`` (a :class:`ConvCall`) with this weight."""
+        out_h, out_w = conv.output_size(self.weight_shape[2:])
+        return conv.input[0] * out_h * out_w * self.shape.numel()
 
 
 class _CSRLinearT(torch.autograd.Function):
@@ -712,5 +728,5 @@ class KernelSelector:
             shared.update(decisions)
 
 
-__all__ = ["ConvCall", "EARLY_REJECT", "KernelSelector", "LinearPattern", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
+__all__ = ["ConvCall", "EARLY_REJECT", "KernelSelector", "LinearPattern", "MIN_CONV_MACS", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
            "parse_decision_table", "sparse_conv2d", "sparse_linear"]

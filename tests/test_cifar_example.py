@@ -136,6 +136,28 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch
     assert strip(resumed["epoch_log"]) == strip(full["epoch_log"])
 
 
+def test_a_new_run_given_a_run_s_kernel_decisions_repeats_its_numbers(tmp_path, cifar, monkeypatch):
+    """--kernel-decisions: the choices recorded in a run's --out JSON, taken back by a new run that would
+    measure the opposite (a loaded machine), give that run's numbers; measuring gives other choices."""
+    import pyro_ssvi.kernels as kernels
+
+    args = ["--dataset", "synthetic", "--num-synthetic", "64", "--epochs", "1", "--width", "4", "--batch-size", "16",
+            "--mc-samples", "2", "--no-progress", "--bn-batches", "1", "--seed", "5"]
+    first = cifar.main(args + ["--out", str(tmp_path / "a.json")])
+    assert first["kernel_decisions"] == json.loads((tmp_path / "a.json").read_text())["kernel_decisions"]
+    assert any("conv2d" in row for rows in first["kernel_decisions"].values() for row in rows)  # convolutions measured too
+    for name in ("measure", "measure_conv2d"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, **k: (lambda d: {**d, "sparse": not d["sparse"]})(_real(*a, **k)))
+    again = cifar.main(args + ["--kernel-decisions", str(tmp_path / "a.json")])
+    assert again["kernel_decisions"] == first["kernel_decisions"]
+    for key in ("test_accuracy", "test_nll", "test_ece", "epoch_log"):
+        strip = (lambda v: [{k: x for k, x in row.items() if k != "seconds"} for row in v]) if key == "epoch_log" else (lambda v: v)
+        assert strip(again[key]) == strip(first[key]), key
+    measured = cifar.main(args)
+    assert measured["kernel_decisions"] != first["kernel_decisions"]
+
+
 def test_checkpoint_is_written_atomically(tmp_path, cifar, monkeypatch):
     path = tmp_path / "c.pt"
     cifar.save_atomic({"a": 1}, str(path))
@@ -163,7 +185,9 @@ def test_missing_cifar_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "--download" in lines[0] and "cifar10" in lines[0]
 
 
-@pytest.mark.parametrize("flag", [["--density", "0"], ["--epochs", "0"], ["--resume"], ["--val-fraction", "1.5"], ["--stop-after", "0"]])
+@pytest.mark.parametrize("flag", [["--density", "0"], ["--epochs", "0"], ["--resume"], ["--val-fraction", "1.5"], ["--stop-after", "0"],
+                                  ["--kernel-decisions", "/no/such.json"], ["--kernel-decisions", __file__],
+                                  ["--deterministic", "--kernel-decisions", __file__]])
 def test_bad_flags(flag):
     res = run_cli(*flag)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "error" in res.stderr

@@ -260,7 +260,30 @@ def test_vectorised_particles_run_dense_convolutions():
     assert close(losses[True], losses[False])
 
 
-def test_the_choice_is_measured_per_convolution_call_shape_and_saved():
+def test_a_convolution_below_the_minimum_work_runs_dense_unmeasured(monkeypatch):
+    """Below MIN_CONV_MACS multiply-adds the choice is dense without timing (so it cannot depend on load);
+    at or above it the call is measured."""
+    from pyro_ssvi import kernels
+
+    pattern = random_pattern((6, 4, 3, 3), policy="auto")
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(pattern.num_active)
+    call = ConvCall.of(x, 1, 1, 1)
+    macs = pattern.conv_macs(call)
+    assert macs == 2 * 8 * 8 * 6 * 4 * 9
+    measured = []
+    monkeypatch.setattr(kernels, "measure_conv2d", lambda *a, **k: measured.append(1) or {"sparse": True, "dense_s": 1.0, "sparse_s": 0.1})
+    monkeypatch.setattr(kernels, "MIN_CONV_MACS", macs + 1)
+    assert pattern.use_sparse(x, v, call) is False and not measured
+    assert next(iter(pattern.decisions.values())) == {"sparse": False, "dense_s": None, "sparse_s": None, "below_min_work": True}
+    pattern.decisions.clear()
+    monkeypatch.setattr(kernels, "MIN_CONV_MACS", macs)
+    assert pattern.use_sparse(x, v, call) is True and measured == [1]
+
+
+def test_the_choice_is_measured_per_convolution_call_shape_and_saved(monkeypatch):
+    from pyro_ssvi import kernels
+
+    monkeypatch.setattr(kernels, "MIN_CONV_MACS", 0)  # this CNN's convolutions are far below it
     model = CNN()
     guide = SparseSubspaceGuide(model, density=0.3)  # the default: "auto"
     guide(torch.zeros(2, 3, 8, 8))
