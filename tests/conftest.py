@@ -73,3 +73,32 @@ def load_script(path, name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# exactness of the sparse kernels -----------------------------------------------------------
+#: float32 sums in another order: a few ulps of the largest term, far below this
+KERNEL_RTOL = 1e-5
+
+
+def close(a, b, rtol=KERNEL_RTOL):
+    """``|a - b| <= rtol * max |b|`` elementwise-max: the sparse and dense paths agree to float rounding."""
+    return (a - b).abs().max() <= rtol * b.abs().max().clamp_min(1e-30)
+
+
+def assert_same(sparse, dense):
+    for s, d in zip(sparse, dense):
+        assert close(s, d), (s, d)
+
+
+def assert_sparse_matches_dense(monkeypatch, dense_pass, sparse_pass, seeds=3):
+    """For each seed, ``sparse_pass(seed)`` (run with ``LinearPattern.dense`` forbidden, so no dense weight
+    is formed) gives what ``dense_pass(seed)`` gives (lists of tensors, :func:`assert_same`). The first LRT
+    pass only checks how a weight is used, hence several seeds."""
+    from pyro_ssvi.kernels import LinearPattern
+
+    for seed in range(seeds):
+        dense = dense_pass(seed)
+        with monkeypatch.context() as m:
+            m.setattr(LinearPattern, "dense", lambda self, v: pytest.fail("dense weight materialised"))
+            sparse = sparse_pass(seed)
+        assert_same(sparse, dense)

@@ -11,17 +11,10 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 
+from conftest import assert_same, assert_sparse_matches_dense, close
 from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
 from pyro_ssvi.handlers import subspace_prior
 from pyro_ssvi.kernels import LinearPattern, SparseWeight, measure, sparse_linear
-
-# float32 sums in another order: a few ulps of the largest term, far below this
-RTOL = 1e-5
-
-
-def close(a, b):
-    return (a - b).abs().max() <= RTOL * b.abs().max().clamp_min(1e-30)
-
 
 class Regression(PyroModule):
     def __init__(self, d_in=12, d_out=9, bias=True):
@@ -61,11 +54,6 @@ def loss_and_grads(model, guide, x, y, elbo, lrt, seed):
     return [loss.detach(), model.out.detach(), *torch.autograd.grad(loss, wrt)]
 
 
-def assert_same(sparse, dense):
-    for s, d in zip(sparse, dense):
-        assert close(s, d), (s, d)
-
-
 @pytest.mark.parametrize("lrt", [False, True], ids=["weights", "lrt"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lead", [(), (2, 3)], ids=["2d", "leading-dims"])
@@ -76,13 +64,8 @@ def test_sparse_path_matches_dense(lrt, bias, lead, elbo, monkeypatch):
     y = torch.randn(*lead, 5, 9)
     elbo = getattr(pyro.infer, elbo)()
     handlers = {g: LocalReparameterizationMessenger() if lrt else None for g in (g_sparse, g_dense)}
-    real_dense = LinearPattern.dense
-    for seed in range(3):  # the first LRT pass only checks how the weight is used
-        dense = loss_and_grads(model, g_dense, x, y, elbo, handlers[g_dense], seed)
-        monkeypatch.setattr(LinearPattern, "dense", lambda self, v: pytest.fail("dense weight materialised"))
-        sparse = loss_and_grads(model, g_sparse, x, y, elbo, handlers[g_sparse], seed)
-        monkeypatch.setattr(LinearPattern, "dense", real_dense)
-        assert_same(sparse, dense)
+    assert_sparse_matches_dense(monkeypatch, lambda seed: loss_and_grads(model, g_dense, x, y, elbo, handlers[g_dense], seed),
+                                lambda seed: loss_and_grads(model, g_sparse, x, y, elbo, handlers[g_sparse], seed))
     if lrt:
         assert handlers[g_sparse].eligible == {"fc.weight": True}
     sample = pyro.poutine.trace(g_sparse).get_trace(x)

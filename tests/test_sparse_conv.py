@@ -12,17 +12,10 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 
+from conftest import assert_same, assert_sparse_matches_dense, close
 from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
 from pyro_ssvi.handlers import subspace_prior
 from pyro_ssvi.kernels import ConvCall, LinearPattern, SparseWeight, measure_conv2d, sparse_conv2d
-
-# float32 sums in another order: a few ulps of the largest term, far below this
-RTOL = 1e-5
-
-
-def close(a, b):
-    return (a - b).abs().max() <= RTOL * b.abs().max().clamp_min(1e-30)
-
 
 def random_pattern(shape, density=0.25, sort=True, policy="sparse", seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -158,6 +151,14 @@ class CNN(PyroModule):
 CONV_SITES = ("c1.weight", "c2.weight")
 
 
+def fresh_cnn_and_guide(kernels, seed):
+    """A new CNN and guide (convolutions on sparse kernels or not) in a cleared parameter store, seeded alike."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = CNN()
+    return model, SparseSubspaceGuide(model, density=0.3, sparse_kernels={s: kernels for s in CONV_SITES}, init_scale=0.1)
+
+
 def pair(density=0.3):
     """The same CNN and guide state twice: convolutions on sparse kernels, and dense."""
     model = CNN()
@@ -179,11 +180,6 @@ def loss_and_grads(model, guide, x, y, elbo, lrt, seed):
     return [loss.detach(), model.out.detach(), *torch.autograd.grad(loss, wrt)]
 
 
-def assert_same(sparse, dense):
-    for s, d in zip(sparse, dense):
-        assert close(s, d), (s, d)
-
-
 @pytest.mark.parametrize("lrt", [False, True], ids=["weights", "lrt"])
 @pytest.mark.parametrize("elbo", ["Trace_ELBO", "TraceMeanField_ELBO"])
 def test_a_cnn_on_sparse_convolutions_matches_dense(lrt, elbo, monkeypatch):
@@ -191,13 +187,8 @@ def test_a_cnn_on_sparse_convolutions_matches_dense(lrt, elbo, monkeypatch):
     x, y = torch.randn(4, 3, 8, 8, requires_grad=True), torch.randn(4, 5)
     elbo = getattr(pyro.infer, elbo)()
     handlers = {g: LocalReparameterizationMessenger() if lrt else None for g in (g_sparse, g_dense)}
-    real_dense = LinearPattern.dense
-    for seed in range(3):  # the first LRT pass only checks how the weight is used
-        dense = loss_and_grads(model, g_dense, x, y, elbo, handlers[g_dense], seed)
-        monkeypatch.setattr(LinearPattern, "dense", lambda self, v: pytest.fail("dense weight materialised"))
-        sparse = loss_and_grads(model, g_sparse, x, y, elbo, handlers[g_sparse], seed)
-        monkeypatch.setattr(LinearPattern, "dense", real_dense)
-        assert_same(sparse, dense)
+    assert_sparse_matches_dense(monkeypatch, lambda seed: loss_and_grads(model, g_dense, x, y, elbo, handlers[g_dense], seed),
+                                lambda seed: loss_and_grads(model, g_sparse, x, y, elbo, handlers[g_sparse], seed))
     if lrt:
         assert all(handlers[g_sparse].eligible[s] for s in CONV_SITES)
     sample = pyro.poutine.trace(g_sparse).get_trace(x)
@@ -229,10 +220,7 @@ def test_ssvi_with_gradient_addition_matches_dense(lrt):
     x, y = torch.randn(6, 3, 8, 8), torch.randn(6, 5)
     guides = {}
     for kernels in (True, False):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(3)
-        model = CNN()
-        guide = SparseSubspaceGuide(model, density=0.3, sparse_kernels={s: kernels for s in CONV_SITES}, init_scale=0.1)
+        model, guide = fresh_cnn_and_guide(kernels, seed=3)
         svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO(), total_steps=40, update_every=3,
                    addition="gradient", local_reparameterization=lrt)
         for _ in range(7):  # updates on steps 3 and 6
@@ -249,10 +237,7 @@ def test_vectorised_particles_run_dense_convolutions():
     x, y = torch.randn(4, 3, 8, 8), torch.randn(4, 5)
     losses = {}
     for kernels in (True, False):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        model = CNN()
-        guide = SparseSubspaceGuide(model, density=0.3, sparse_kernels={s: kernels for s in CONV_SITES}, init_scale=0.1)
+        model, guide = fresh_cnn_and_guide(kernels, seed=0)
         elbo = pyro.infer.Trace_ELBO(num_particles=3, vectorize_particles=True)
         svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo, total_steps=10)
         pyro.set_rng_seed(0)
