@@ -227,6 +227,13 @@ class LinearPattern:
             self.decisions[key] = decision
         return decision["sparse"]
 
+    def conv_call(self, x, stride=1, padding=0, dilation=1):
+        """The :class:`ConvCall` of ``F.conv2d(x, W, ..., stride, padding, dilation)`` when the sparse
+        kernel covers it on this weight (a 4-d weight, ``x`` of its input channels), else ``None``."""
+        if len(self.weight_shape) != 4 or x.dim() != 4 or x.shape[1] != self.weight_shape[1]:
+            return None
+        return ConvCall.of(x, stride, padding, dilation)
+
     def conv_macs(self, conv):
         """Multiply-adds of the dense ``F.conv2d`` call ``conv`` (a :class:`ConvCall`) with this weight."""
         out_h, out_w = conv.output_size(self.weight_shape[2:])
@@ -352,8 +359,8 @@ def sparse_conv2d(input, values, pattern, bias=None, stride=1, padding=0, dilati
         >>> torch.allclose(sparse_conv2d(x, v, pattern, padding=1), F.conv2d(x, pattern.dense(v), padding=1), atol=1e-6)
         True
     """
-    call = ConvCall.of(input, stride, padding, dilation)
-    if call is None or len(pattern.weight_shape) != 4 or input.shape[1] != pattern.weight_shape[1]:
+    call = pattern.conv_call(input, stride, padding, dilation)
+    if call is None:
         raise RuntimeError(f"sparse_conv2d: expected an (N, {pattern.weight_shape[1]}, H, W) input, integer padding and a "
                            f"4-d weight pattern, got input {tuple(input.shape)}, padding {padding!r}, weight {tuple(pattern.weight_shape)}")
     return _sparse_conv2d(input, values, pattern, bias, call)
@@ -573,12 +580,11 @@ class SparseWeight(torch.Tensor):
         elif func is F.conv2d:
             call = dict(zip(CONV2D_ARGS, args), **kwargs)
             w, x, b = call.get("weight"), call.get("input"), call.get("bias")
-            if isinstance(w, SparseWeight) and w.pattern.is_conv and len(w.pattern.weight_shape) == 4 \
-                    and torch.is_tensor(x) and not isinstance(x, SparseWeight) and not isinstance(b, SparseWeight) \
+            if isinstance(w, SparseWeight) and torch.is_tensor(x) and not isinstance(x, SparseWeight) \
+                    and (b is None or (torch.is_tensor(b) and not isinstance(b, SparseWeight) and b.shape == w.pattern.weight_shape[:1])) \
                     and call.get("groups", 1) == 1:
-                shape = ConvCall.of(x, call.get("stride", 1), call.get("padding", 0), call.get("dilation", 1))
-                if shape is not None and x.shape[1] == w.pattern.weight_shape[1] \
-                        and (b is None or (torch.is_tensor(b) and b.shape == w.pattern.weight_shape[:1])):
+                shape = w.pattern.conv_call(x, call.get("stride", 1), call.get("padding", 0), call.get("dilation", 1))
+                if shape is not None:
                     return w._conv2d(x, b, shape)
         elif func in TENSOR_ADD and not kwargs and len(args) == 2:
             a, b = args
