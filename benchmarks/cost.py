@@ -228,14 +228,15 @@ def replicate(cfgs, package_roots, replicas):
     return [c for c, _ in out], [root for _, root in out]
 
 
-def pool_replicas(reports):
-    """One report per configuration from the reports of its replica processes: the timed steps pooled
+def pool_replicas(cfgs, reports):
+    """One report per configuration from the reports of its replica processes (``reports[i]`` that of
+    ``cfgs[i]``, configurations as :func:`replicate` returns them): the timed steps pooled
     (``seconds_all``, and ``seconds_per_step`` their median), the other medians as the median over
     replicas, each process's median in ``replica_seconds`` (and each one's kernel choices in
     ``replica_kernel_choices`` when they differ); everything else from replica 0."""
     groups = {}
-    for r in reports:
-        groups.setdefault(json.dumps({k: v for k, v in r.items() if k in r.get("config_keys", ())}, sort_keys=True), []).append(r)
+    for c, r in zip(cfgs, reports):
+        groups.setdefault(json.dumps({k: v for k, v in c.items() if k not in ("replica", "profile_steps")}, sort_keys=True), []).append(r)
     pooled = []
     for runs in groups.values():
         first = dict(runs[0])
@@ -249,7 +250,6 @@ def pool_replicas(reports):
             if k in first:
                 first[k] = median([r[k] for r in runs if r.get(k) is not None])
         first.pop("replica", None)
-        first.pop("config_keys", None)
         pooled.append(first)
     return pooled
 
@@ -274,7 +274,6 @@ def run_group(cfgs, package_roots, progress, block=1, replicas=1):
     each configuration runs in that many processes (a process's speed varies by several percent on a
     shared machine, for its whole life) and its figures pool theirs (:func:`pool_replicas`). Returns
     one report per configuration."""
-    cfgs = [{**c, "config_keys": sorted(set(c) - {"replica", "profile_steps"})} for c in cfgs]
     cfgs, package_roots = replicate(cfgs, package_roots, replicas)
     workers = [Worker(c, r) for c, r in zip(cfgs, package_roots)]
     try:
@@ -291,7 +290,7 @@ def run_group(cfgs, package_roots, progress, block=1, replicas=1):
                     timed[w] = workers[w].step()["timed"]
             progress.update(1)
             i += 1
-        return pool_replicas([w.report() for w in workers])
+        return pool_replicas(cfgs, [w.report() for w in workers])
     finally:
         for w in workers:
             if w.proc.poll() is None:

@@ -48,19 +48,17 @@ def test_pool_replicas_medians():
     from conftest import load_script
 
     cost = load_script(ROOT / "benchmarks" / "cost.py", "cost_for_pooling")  # upper medians
-    keys = ["config", "model"]
+    cfgs = [{"config": "a", "model": "m", "replica": 0, "profile_steps": 2}, {"config": "a", "model": "m", "replica": 1, "profile_steps": 0},
+            {"config": "b", "model": "m", "replica": 0, "profile_steps": 0}]
     reports = [
-        {"config": "a", "model": "m", "config_keys": keys, "replica": 0, "seconds_all": [1.0, 3.0], "seconds_per_step": 2.0,
-         "cold_seconds_per_step": 5.0, "profile": {"x": 1}},
-        {"config": "a", "model": "m", "config_keys": keys, "replica": 1, "seconds_all": [2.0, 4.0, 6.0], "seconds_per_step": 4.0,
-         "cold_seconds_per_step": 7.0},
-        {"config": "b", "model": "m", "config_keys": keys, "replica": 0, "seconds_all": [9.0], "seconds_per_step": 9.0,
-         "cold_seconds_per_step": None},
+        {**cfgs[0], "seconds_all": [1.0, 3.0], "seconds_per_step": 2.0, "cold_seconds_per_step": 5.0, "profile": {"x": 1}},
+        {**cfgs[1], "seconds_all": [2.0, 4.0, 6.0], "seconds_per_step": 4.0, "cold_seconds_per_step": 7.0},
+        {**cfgs[2], "seconds_all": [9.0], "seconds_per_step": 9.0, "cold_seconds_per_step": None},
     ]
-    a, b = cost.pool_replicas(reports)
+    a, b = cost.pool_replicas(cfgs, reports)
     assert a["seconds_all"] == [1.0, 2.0, 3.0, 4.0, 6.0] and a["seconds_per_step"] == 3.0 and a["replica_seconds"] == [2.0, 4.0]
     assert a["cold_seconds_per_step"] == 7.0 and a["profile"] == {"x": 1}  # replica 0's profile
     assert b["seconds_per_step"] == 9.0 and b["replica_seconds"] == [9.0] and b["cold_seconds_per_step"] is None
     assert "replica_kernel_choices" not in a
     reports[0]["kernel_choices"], reports[1]["kernel_choices"] = {"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}
-    assert cost.pool_replicas(reports)[0]["replica_kernel_choices"] == [{"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}]
+    assert cost.pool_replicas(cfgs, reports)[0]["replica_kernel_choices"] == [{"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}]
