@@ -173,7 +173,9 @@ class SSVI:
         under ``pyro.infer.SVI``.
     :param optim: a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.Adam({"lr": 1e-2})``) or a
         :class:`torch.optim.Optimizer` over the guide's (and model's) parameters; in the latter case
-        set the guide up first (``guide(*args)``) so its parameters exist.
+        set the guide up first (``guide(*args)``) so its parameters exist. ``pyro.optim`` keeps one
+        optimiser per parameter, two per site; ``torch.optim.Adam(params, fused=True)`` steps them all
+        in one kernel, and subspace updates reset and correct its state as they do ``pyro.optim``'s.
     :param loss: a Pyro ELBO (``Trace_ELBO()``, ``TraceMeanField_ELBO()``, ``TraceGraph_ELBO()``,
         ``RenyiELBO()``, ``TraceTailAdaptive_ELBO(num_particles=P, vectorize_particles=True)``), with
         ``num_particles`` sequential or vectorised, or the ``ELBOModule`` that ``elbo(model, guide)``

@@ -62,3 +62,19 @@ def test_pool_replicas_medians():
     assert "replica_kernel_choices" not in a
     reports[0]["kernel_choices"], reports[1]["kernel_choices"] = {"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}
     assert cost.pool_replicas(cfgs, reports)[0]["replica_kernel_choices"] == [{"w": [{"sparse": True}]}, {"w": [{"sparse": False}]}]
+
+
+def test_fast_settings_configurations_run_and_profile_their_optimiser(tmp_path):
+    """The fast settings (validation off, one fused torch Adam): SSVI and AutoNormal (through its ELBOModule)
+    step, the profile finds the torch optimiser's step, and the targets table checks them too."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bayes_cost.py"), "--quick", "--models", "mlp",
+           "--configs", "det,ssvi0.1-lrt-fast,ssvi0.1-w-fast,autonormal-w-fast", "--threads", "1", "--results-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = {r["config"]: r for r in json.loads((tmp_path / "bayes_cost.json").read_text())["results"]}
+    assert set(runs) == {"det", "ssvi0.1-lrt-fast", "ssvi0.1-w-fast", "autonormal-w-fast"}
+    assert all(r["seconds_per_step"] > 0 for r in runs.values())
+    assert runs["ssvi0.1-lrt-fast"]["profile"]["categories"]["optimiser (Adam)"] > 0
+    md = (tmp_path / "bayes_cost.md").read_text()
+    assert "| mlp | SSVI 0.1 weights, fast settings |" in md and "| mlp | SSVI 0.1 LRT, fast settings |" in md
+    assert "AutoNormal weights, fast settings" in md

@@ -1,5 +1,6 @@
 """The README's usage example and main job must keep working as written."""
 
+import math
 import pathlib
 import re
 import subprocess
@@ -173,4 +174,31 @@ def test_readme_plate_local_block_trains():
         svi.step(x, y)
     assert guide.median()["w"].shape == (T, H, D)
     assert guide.active_index("w").numel() == round(0.1 * T * H * D) and len(svi.history) == 2
+    pyro.clear_param_store()
+
+
+def test_readme_fast_settings_block_runs(digits):
+    """The README's fast settings, as written: validation off, one fused torch Adam over model and guide,
+    SSVI's updates on schedule."""
+    import pyro
+
+    from conftest import BNN
+    from pyro_ssvi import SSVI, SparseSubspaceGuide
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "fused=True" in b)
+    block = block.replace("total_steps=5000", "total_steps=30, update_every=10")
+    Xtr, ytr, _, _ = digits
+    pyro.clear_param_store()
+    model = BNN()
+    ns = {"pyro": pyro, "torch": torch, "SSVI": SSVI, "model": model, "guide": SparseSubspaceGuide(model, density=0.1),
+          "x_batch": Xtr[:64], "y_batch": ytr[:64]}
+    with pyro.validation_enabled(True):  # restores Pyro's checks for the tests that follow
+        exec(compile(block, "README.md", "exec"), ns)
+        assert not pyro.infer.util.is_validation_enabled()
+        svi = ns["svi"]
+        assert isinstance(svi.optim, torch.optim.Adam) and svi.optim.defaults["fused"]
+        losses = [svi.step(Xtr[:64], ytr[:64]) for _ in range(12)]
+    assert pyro.infer.util.is_validation_enabled()
+    assert [h["step"] for h in svi.history] == [10] and all(math.isfinite(x) for x in losses)
     pyro.clear_param_store()

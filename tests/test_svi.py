@@ -39,17 +39,30 @@ def _adam_state(optim, param):
     return next(o.state[param] for o in optim.optim_objs.values() if param in o.state)
 
 
-@pytest.mark.parametrize("torch_optim", [False, True])
-def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, torch_optim):
+#: the optimisers a user may step SSVI with: pyro.optim's one per parameter, and torch.optim's Adam over
+#: every parameter in its single-tensor, multi-tensor (foreach) and fused implementations
+OPTIMS = ["pyro", "torch", "foreach", "fused"]
+
+
+def make_optim(kind, params, lr=1e-2):
+    if kind == "pyro":
+        return pyro.optim.Adam({"lr": lr})
+    kwargs = {"torch": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+    return torch.optim.Adam(params, lr=lr, **kwargs)
+
+
+def optimizer_state(optim, param):
+    return _adam_state(optim, param) if isinstance(optim, pyro.optim.PyroOptim) else optim.state[param]
+
+
+@pytest.mark.parametrize("optim_kind", OPTIMS)
+def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, optim_kind):
     Xtr, ytr, _, _ = digits
     pyro.clear_param_store()
     model = BNN()
     guide = SparseSubspaceGuide(model, density=0.1)
     guide(Xtr[:8], ytr[:8])
-    if torch_optim:
-        optim = torch.optim.Adam(guide.parameters(), lr=1e-2)
-    else:
-        optim = pyro.optim.Adam({"lr": 1e-2})
+    optim = make_optim(optim_kind, guide.parameters())
     svi = SSVI(model, guide, optim, pyro.infer.Trace_ELBO(), total_steps=100, update_every=10, new_scale=0.05, addition="random")
     for _ in range(9):
         svi.step(Xtr[:64], ytr[:64])
@@ -65,14 +78,14 @@ def test_new_entries_start_fresh_and_their_optimiser_state_is_reset(digits, torc
         unchanged = torch.ones_like(loc, dtype=torch.bool)
         unchanged[changed] = False
         for param in (loc, rho):
-            state = optim.state[param] if torch_optim else _adam_state(optim, param)
+            state = optimizer_state(optim, param)
             for key in ("exp_avg", "exp_avg_sq"):
                 assert (state[key][changed] == 0).all()
                 assert (state[key][unchanged] != 0).any()
 
 
-@pytest.mark.parametrize("torch_optim", [False, True])
-def test_updates_keep_slots_in_row_major_order_and_state_follows_its_entry(digits, torch_optim):
+@pytest.mark.parametrize("optim_kind", OPTIMS)
+def test_updates_keep_slots_in_row_major_order_and_state_follows_its_entry(digits, optim_kind):
     """After an update the slots are sorted by flat position (the sparse kernels read the values
     without a permutation); every kept entry keeps its own mean, scale, birth and Adam moments."""
     Xtr, ytr, _, _ = digits
@@ -80,7 +93,7 @@ def test_updates_keep_slots_in_row_major_order_and_state_follows_its_entry(digit
     model = BNN()
     guide = SparseSubspaceGuide(model, density=0.1)
     guide(Xtr[:8], ytr[:8])
-    optim = torch.optim.Adam(guide.parameters(), lr=1e-2) if torch_optim else pyro.optim.Adam({"lr": 1e-2})
+    optim = make_optim(optim_kind, guide.parameters())
     svi = SSVI(model, guide, optim, pyro.infer.TraceMeanField_ELBO(), total_steps=100, update_every=5, addition="random")
     for _ in range(12):  # two updates: the second one reorders slots whose state is not fresh
         svi.step(Xtr[:64], ytr[:64])
@@ -88,7 +101,7 @@ def test_updates_keep_slots_in_row_major_order_and_state_follows_its_entry(digit
 
     def per_entry(name):
         loc, rho = guide.loc(name), guide.unconstrained_scale(name)
-        states = [optim.state[p] if torch_optim else _adam_state(optim, p) for p in (loc, rho)]
+        states = [optimizer_state(optim, p) for p in (loc, rho)]
         columns = [c.detach() for c in [loc, rho, guide.entry_births(name)] + [st[k] for st in states for k in ("exp_avg", "exp_avg_sq")]]
         return {int(i): tuple(float(c[j]) for c in columns) for j, i in enumerate(guide.active_index(name).tolist())}
 
@@ -304,7 +317,10 @@ def test_dense_grad_hook_sees_and_replaces_the_gradient(digits):
         make_svi(dense_grad_hook=3)
 
 
-@pytest.mark.parametrize("cls, kwargs", [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {"weight_decay": 0.1})])
+@pytest.mark.parametrize("cls, kwargs", [
+    (torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {"weight_decay": 0.1}),
+    (torch.optim.Adam, {"foreach": True}), (torch.optim.Adam, {"fused": True}), (torch.optim.AdamW, {"fused": True, "weight_decay": 0.1}),
+])
 def test_fresh_adam_correction_makes_a_refilled_slot_a_fresh_adam(cls, kwargs):
     from pyro_ssvi import fresh_adam_correction
 
@@ -332,6 +348,36 @@ def test_fresh_adam_correction_makes_a_refilled_slot_a_fresh_adam(cls, kwargs):
         torch.testing.assert_close(p.detach()[[1, 3]], fresh.detach(), rtol=1e-6, atol=1e-6)
     # untouched slots followed the shared optimiser, uncorrected
     assert not torch.equal(p.detach()[[0, 2, 4]], plain[[0, 2, 4]])
+
+
+@pytest.mark.parametrize("kind", ["foreach", "fused"])
+def test_ssvi_trains_alike_under_every_implementation_of_torch_adam(digits, kind):
+    """The multi-tensor and fused Adams (one kernel over every parameter: the README's fast settings) give
+    the single-tensor Adam's run to float rounding: the same subspace updates (optimiser resets and the
+    fresh-Adam correction included), losses and parameters."""
+    Xtr, ytr, _, _ = digits
+
+    def run(kind):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        model = BNN()
+        guide = SparseSubspaceGuide(model, density=0.1)
+        guide(Xtr[:8], ytr[:8])
+        optim = make_optim(kind, guide.parameters())
+        svi = SSVI(model, guide, optim, pyro.infer.TraceMeanField_ELBO(), total_steps=40, update_every=5)
+        losses = [svi.step(Xtr[:64], ytr[:64]) for _ in range(17)]
+        return losses, {n: (guide.active_index(n).clone(), guide.loc(n).detach().clone(), guide.scale(n).detach().clone())
+                        for n in guide.site_names}, svi
+
+    ref_losses, ref, _ = run("torch")
+    losses, got, svi = run(kind)
+    assert [h["step"] for h in svi.history] == [5, 10, 15]
+    assert all(sum(h["swapped"].values()) > 0 for h in svi.history)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    for name, (index, loc, scale) in ref.items():
+        assert torch.equal(got[name][0], index), name
+        torch.testing.assert_close(got[name][1], loc, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[name][2], scale, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("t", [30, 20000])  # within Adam's bias-correction horizon, and past it (~13.8k steps)
