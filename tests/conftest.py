@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 
@@ -83,6 +84,31 @@ KERNEL_RTOL = 1e-5
 def close(a, b, rtol=KERNEL_RTOL):
     """``|a - b| <= rtol * max |b|`` elementwise-max: the sparse and dense paths agree to float rounding."""
     return (a - b).abs().max() <= rtol * b.abs().max().clamp_min(1e-30)
+
+
+def kernel_twins(model, x, density, kernels=lambda on: on):
+    """``(sparse, dense)``: two guides of ``model`` with one state, set up on ``x``; their ``sparse_kernels``
+    are ``kernels(True)`` and ``kernels(False)`` (by default ``True`` and ``False`` themselves)."""
+    from pyro_ssvi import SparseSubspaceGuide
+
+    guides = {}
+    for on in (True, False):
+        pyro.set_rng_seed(1)
+        guides[on] = SparseSubspaceGuide(model, density=density, sparse_kernels=kernels(on), init_scale=0.1)
+        guides[on](x)
+    guides[True].load_state_dict(guides[False].state_dict())
+    return guides[True], guides[False]
+
+
+def elbo_pass(model, guide, x, y, elbo, lrt, seed, wrt):
+    """``[loss, model.out, *gradients of the loss in wrt]`` of one ELBO pass with the noise of ``seed``
+    (priors restricted to the guide's active sets; under the LRT messenger ``lrt`` when it is not ``None``)."""
+    from pyro_ssvi.handlers import subspace_prior
+
+    pyro.set_rng_seed(seed)
+    with lrt if lrt is not None else contextlib.nullcontext():
+        loss = elbo.differentiable_loss(subspace_prior(model, guide), guide, x, y)
+    return [loss.detach(), model.out.detach(), *torch.autograd.grad(loss, wrt)]
 
 
 def assert_same(sparse, dense):

@@ -1,6 +1,5 @@
 """Sparse kernels for sparse linear sites: exactness against the dense path, choice, overrides."""
 
-import contextlib
 import copy
 import io
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 
-from conftest import assert_same, assert_sparse_matches_dense, close
+from conftest import assert_same, assert_sparse_matches_dense, close, elbo_pass, kernel_twins
 from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
 from pyro_ssvi.handlers import subspace_prior
 from pyro_ssvi.kernels import LinearPattern, SparseWeight, measure, sparse_linear
@@ -34,24 +33,15 @@ class Regression(PyroModule):
 def pair(density=0.3, bias=True, d_in=12, d_out=9):
     """The same model and guide state twice: one guide on sparse kernels, one dense."""
     model = Regression(d_in, d_out, bias)
-    guides = {}
-    for kernels in (True, False):
-        pyro.set_rng_seed(1)
-        guides[kernels] = SparseSubspaceGuide(model, density=density, sparse_kernels=kernels, init_scale=0.1)
-        guides[kernels](torch.zeros(2, d_in))
-    guides[True].load_state_dict(guides[False].state_dict())
-    return model, guides[True], guides[False]
+    return (model, *kernel_twins(model, torch.zeros(2, d_in), density))
 
 
 def loss_and_grads(model, guide, x, y, elbo, lrt, seed):
     """Loss, model output and gradients (loc, scale, bias, input) of one ELBO pass with fixed noise."""
-    pyro.set_rng_seed(seed)
-    with lrt if lrt is not None else contextlib.nullcontext():
-        loss = elbo.differentiable_loss(subspace_prior(model, guide), guide, x, y)
     wrt = [guide.loc("fc.weight"), guide.unconstrained_scale("fc.weight"), x]
     if model.fc.bias is not None:
         wrt.append(model.fc.bias)
-    return [loss.detach(), model.out.detach(), *torch.autograd.grad(loss, wrt)]
+    return elbo_pass(model, guide, x, y, elbo, lrt, seed, wrt)
 
 
 @pytest.mark.parametrize("lrt", [False, True], ids=["weights", "lrt"])

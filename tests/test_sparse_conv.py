@@ -2,7 +2,6 @@
 path (outputs and gradients, relative 1e-5, before and after subspace updates, weights and LRT,
 the data-gradient probe), the measured choice and its place in the guide's state, the fallbacks."""
 
-import contextlib
 import re
 
 import pyro
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 
-from conftest import assert_same, assert_sparse_matches_dense, close
+from conftest import assert_same, assert_sparse_matches_dense, close, elbo_pass, kernel_twins
 from pyro_ssvi import SSVI, LocalReparameterizationMessenger, SparseSubspaceGuide
 from pyro_ssvi.handlers import subspace_prior
 from pyro_ssvi.kernels import ConvCall, LinearPattern, SparseWeight, measure_conv2d, sparse_conv2d
@@ -162,22 +161,12 @@ def fresh_cnn_and_guide(kernels, seed):
 def pair(density=0.3):
     """The same CNN and guide state twice: convolutions on sparse kernels, and dense."""
     model = CNN()
-    guides = {}
-    for kernels in (True, False):
-        pyro.set_rng_seed(1)
-        choice = {s: kernels for s in CONV_SITES}
-        guides[kernels] = SparseSubspaceGuide(model, density=density, sparse_kernels=choice, init_scale=0.1)
-        guides[kernels](torch.zeros(2, 3, 8, 8))
-    guides[True].load_state_dict(guides[False].state_dict())
-    return model, guides[True], guides[False]
+    return (model, *kernel_twins(model, torch.zeros(2, 3, 8, 8), density, lambda on: {s: on for s in CONV_SITES}))
 
 
 def loss_and_grads(model, guide, x, y, elbo, lrt, seed):
-    pyro.set_rng_seed(seed)
-    with lrt if lrt is not None else contextlib.nullcontext():
-        loss = elbo.differentiable_loss(subspace_prior(model, guide), guide, x, y)
     wrt = [x, model.c1.bias] + [p for s in CONV_SITES for p in (guide.loc(s), guide.unconstrained_scale(s))]
-    return [loss.detach(), model.out.detach(), *torch.autograd.grad(loss, wrt)]
+    return elbo_pass(model, guide, x, y, elbo, lrt, seed, wrt)
 
 
 @pytest.mark.parametrize("lrt", [False, True], ids=["weights", "lrt"])
