@@ -130,18 +130,21 @@ def status(run, args):
     return "new"
 
 
-def execute(run, args):
-    """Run one configuration, its output appended to ``<tag>.log`` beside the JSON; returns None or a failure line."""
-    cmd = command(run, args)
-    log = os.path.join(args.runs_dir, f"{run['tag']}.log")
+def run_logged(cmd, log, tag):
+    """Run ``cmd`` with its output appended to the file ``log``; returns None or a one-line failure naming ``tag``."""
     with open(log, "a") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
     if res.returncode != 0:
         lines = pathlib.Path(log).read_text().strip().splitlines()
-        return f"run {run['tag']} failed (exit {res.returncode}): {lines[-1] if lines else ''} (log: {log})"
+        return f"run {tag} failed (exit {res.returncode}): {lines[-1] if lines else ''} (log: {log})"
     return None
+
+
+def execute(run, args):
+    """Run one configuration, its output appended to ``<tag>.log`` beside the JSON; returns None or a failure line."""
+    return run_logged(command(run, args), os.path.join(args.runs_dir, f"{run['tag']}.log"), run["tag"])
 
 
 # the results ------------------------------------------------------------------------------

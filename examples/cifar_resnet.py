@@ -76,7 +76,7 @@ from pyro_ssvi import SSVI, SparseSubspaceGuide
 from pyro_ssvi.scripts.cli import ArgumentParser, run_main
 from pyro_ssvi.criteria import REMOVAL_CRITERIA
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes, tensor_bytes
-from pyro_ssvi.distributed import average_, broadcast_state
+from pyro_ssvi.distributed import average_, broadcast_state, leave_process_group
 from pyro_ssvi.finite import NonFiniteLossError, gradient_max_abs
 from pyro_ssvi.guide import init_to_normal
 from pyro_ssvi.handlers import KLScaleMessenger
@@ -551,10 +551,11 @@ def build_model(args, num_classes, n_train, init_state=None):
 
 
 def build_guide(args, model, pretrained=False):
-    """The sparse guide at ``--density`` (the first convolution dense when sparse). ``pretrained``: start
+    """The sparse guide at ``--density`` (the first convolution dense when sparse, and the classifier head with
+    ``--head-dense``). ``pretrained``: start
     at the weights ``bayesianize`` replaced (``init_to_value(pretrained_values(model))``, the guide's
     default for any other site) on the active set of their largest magnitudes (``init_subspace="magnitude"``)."""
-    dense_sites = model.dense_sites if args.density < 1 else ()
+    dense_sites = (*model.dense_sites, *(model.head_sites if args.head_dense else ())) if args.density < 1 else ()
     kwargs = {}
     if pretrained:
         kwargs = {"init_loc_fn": init_to_value(values=pretrained_values(model), fallback=init_to_normal), "init_subspace": "magnitude"}
@@ -669,6 +670,16 @@ class BayesianRun:
     def kernel_decisions(self):
         """The sparse-kernel choices the run took (``--kernel-decisions`` takes them back)."""
         return self.guide.kernel_decisions()
+
+    def posterior_scales(self):
+        r"""Per Bayesian site, over its active entries: the median posterior standard deviation ``sigma`` and the
+        median signal-to-noise ratio ``|mu| / sigma``; how far the scales moved from their start."""
+        out = {}
+        with torch.no_grad():
+            for name in self.guide.site_names:
+                loc, sigma = self.guide.loc(name), self.guide.scale(name)
+                out[name] = {"median_sigma": sigma.median().item(), "median_snr": (loc.abs() / sigma).median().item()}
+        return out
 
     def costs(self, xb):
         """Active weights, bytes of the guide and its optimiser state, counted FLOPs per training step."""
@@ -864,6 +875,8 @@ def build_parser():
     a("--stop-updates-at", type=float, default=0.75, help="fraction of training after which the subspace is frozen")
     a("--removal", default="snr_abs", choices=sorted(REMOVAL_CRITERIA), help="removal criterion")
     a("--addition", default="gradient", choices=("gradient", "random"), help="addition criterion")
+    a("--head-dense", action="store_true", help="keep the classifier head's weight dense (all of it random) in a sparse "
+      "guide, as the first convolution is; its weights count in the active total")
     a("--no-lrt", action="store_true", help="sample weights instead of pre-activations (no local reparameterisation)")
     a("--no-augment", action="store_true", help="no random crop and flip")
     a(
@@ -1103,11 +1116,13 @@ def flags_used(args, ckpt):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = start_processes(args)
+    finished = False
     try:
-        return _main(args, rank, world, device)
+        result = _main(args, rank, world, device)
+        finished = True
+        return result
     finally:
-        if world > 1:
-            torch_dist.destroy_process_group()
+        leave_process_group(finished)  # every rank together after a normal finish, at once after an error
 
 
 def split_data(args, xtr, ytr):
@@ -1186,7 +1201,8 @@ def _main(args, rank, world, device):
                 row.update(val_accuracy=val["accuracy"], val_nll=val["nll"])
                 val_text = f"val acc {row['val_accuracy']:.4f}  val NLL {row['val_nll']:.4f}  "
             elapsed += time.perf_counter() - t0
-            row.update(lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
+            # the 1-minute load average beside the epoch's time: other work on the machine slows an epoch down
+            row.update(lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0, load=os.getloadavg()[0])
             epochs_log.append(row)
             say(
                 f"epoch {row['epoch']:>3}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
@@ -1229,6 +1245,7 @@ def _main(args, rank, world, device):
         "seconds": elapsed,
         "updates": run.updates(),
         **({"kernel_decisions": run.kernel_decisions()} if hasattr(run, "kernel_decisions") else {}),
+        **({"posterior_scales": run.posterior_scales()} if hasattr(run, "posterior_scales") else {}),
         "epoch_log": epochs_log,
         "args": flags,
     }
@@ -1261,6 +1278,9 @@ def _main(args, rank, world, device):
         write_outputs(args, result, {"test": test_prediction, "y": yte, "ood": ood_predictions}, say)
     return result
 
+
+#: fields of an epoch_log row that measure the machine rather than the run (two identical runs differ in them)
+TIMING_FIELDS = ("seconds", "load")
 
 #: test metrics in the JSON, each for every predictive ("mc" and "posterior_mean", or "network")
 TEST_METRICS = ("accuracy", "nll", "ece", "brier", "aurc", "accuracy_at_80", "accuracy_at_90", "accuracy_at_95")

@@ -167,6 +167,25 @@ def check_same_active_sets(indices, step, process_group=None):
             )
 
 
+def leave_process_group(finished=True):
+    """Destroy every process group of this process (nothing if none is initialised).
+
+    After a normal finish (``finished=True``) every rank first waits at a barrier, so that no rank tears
+    down its connections while another still talks to it (a gloo peer that disappears mid-exchange can
+    leave the other process to abort at exit). After an error (``finished=False``) at once: a barrier
+    would wait for a rank that may be gone (``torchrun`` then stops the others).
+
+        >>> leave_process_group()  # no process group: nothing to do
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if finished:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 __all__ = [
     "StructureMismatchError",
     "SubspaceMismatchError",
@@ -177,6 +196,7 @@ __all__ = [
     "broadcast_state",
     "check_same_active_sets",
     "is_distributed",
+    "leave_process_group",
     "shared_seed",
     "synchronise_start",
     "training_structure",

@@ -432,21 +432,24 @@ class SparseSubspaceGuide(AutoGuide):
         return self.kernels.report()
 
     def kernel_decisions(self):
-        """The measured sparse-or-dense choice of every site and call shape, as plain data:
-        ``{site: [{"rows", "dtype", "device", "input_grad", "value_grad", "sparse", "dense_s", "sparse_s"}]}``.
+        """The sparse-or-dense choice of every site and call shape met, as plain data:
+        ``{site: [{"rows", "dtype", "device", "input_grad", "value_grad", "sparse", "dense_s", "sparse_s"}]}``
+        (``"follows"``: the measured shape a rule took the choice from, see
+        :meth:`~pyro_ssvi.kernels.LinearPattern.use_sparse`).
 
-        ``sparse_kernels="auto"`` times both paths the first time a call shape occurs, so which path
-        runs would otherwise depend on the machine's load. The table is part of :meth:`state_dict`
-        (the module's extra state): a run resumed from a checkpoint takes the paths the first run
-        measured, whatever the load, and its float rounding is the same. To fix the choices of a new
-        run, pass a table (e.g. from an earlier run) to :meth:`set_kernel_decisions`, or choose per site
+        ``sparse_kernels="auto"`` times both paths at a site's first training call, so which path runs
+        would otherwise depend on the machine's load; every other call shape follows that measurement by
+        fixed rules. The table is part of :meth:`state_dict` (the module's extra state): a run resumed
+        from a checkpoint takes the paths the first run took, whatever the load and whatever shapes it
+        meets after the resume, and its float rounding is the same. To fix the choices of a new run,
+        pass a table (e.g. from an earlier run) to :meth:`set_kernel_decisions`, or choose per site
         with ``sparse_kernels=True / False``."""
         return self.kernels.decision_table()
 
     def set_kernel_decisions(self, table):
         """Use the choices of ``table`` (as :meth:`kernel_decisions` returns) instead of measuring
-        those call shapes; sites it names lose their other measured choices. Call shapes it does not
-        hold are still measured on first use."""
+        those call shapes; sites it names lose their other choices. A site the table leaves without a
+        measured choice measures at its next training call, as a fresh guide does."""
         self.kernels.set_decision_table(table, list(self._sites or ()))
 
     def get_extra_state(self):

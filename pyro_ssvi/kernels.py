@@ -33,16 +33,19 @@ positions only). Values are read in storage order; when the storage is in the ro
   results are always exact). ``log_prob`` of the site reads the active values directly.
 
 Kernel choice. Sparse kernels win only at low density and large enough layers (see
-``benchmarks/results/sparse_kernels.md``), so with ``policy="auto"`` each pattern *measures* both
-paths the first time it meets a call shape (batch rows, or a convolution's :class:`ConvCall`;
-dtype, device, which gradients are needed): a few forward + backward passes of each, on the
-call's own input and values, and keeps the sparse kernel only when its median time is below
-:data:`SPARSE_MARGIN` times the dense one (a sparse pass over :data:`EARLY_REJECT` times
-the dense one, cold and again warm, decides for dense at once).
+``benchmarks/results/sparse_kernels.md``), so with ``policy="auto"`` each site *measures* both
+paths once, at its first training call (per dtype and device): a few forward + backward passes of
+each, on the call's own input and values, and keeps the sparse kernel only when its median time is
+below :data:`SPARSE_MARGIN` times the dense one (a sparse pass over :data:`EARLY_REJECT` times the
+dense one, cold and again warm, decides for dense at once). Every other call shape (batch rows, or
+a convolution's :class:`ConvCall`; which gradients are needed) follows that measurement by fixed
+rules (:meth:`LinearPattern.use_sparse`), so that the kernels of a run, and the last bits of its
+numbers, depend on the machine's load only through the one measurement the guide saves.
 ``policy="sparse"`` skips the measurement. Choose per site with the guide's ``sparse_kernels``
 argument.
 """
 
+import math
 import statistics
 import time
 import warnings
@@ -209,23 +212,49 @@ class LinearPattern:
         return flat.reshape(self.weight_shape)
 
     def use_sparse(self, x2d, values, conv=None):
-        """Whether the sparse kernel runs for this call; ``"auto"`` measures a new call shape once.
-        ``x2d`` is the input of ``F.linear`` (rows, in), or with ``conv`` (a :class:`ConvCall`) that of
-        ``F.conv2d`` (``N, C, H, W``); a convolution below :data:`MIN_CONV_MACS` runs dense unmeasured."""
+        """Whether the sparse kernel runs for this call. ``x2d`` is the input of ``F.linear`` (rows, in), or
+        with ``conv`` (a :class:`ConvCall`) that of ``F.conv2d`` (``N, C, H, W``).
+
+        ``"auto"`` decides each new call shape once, by rules that depend on timing only through the site's
+        one measurement (per dtype and device), which is saved with the other decisions:
+
+        1. a convolution below :data:`MIN_CONV_MACS` runs dense, unmeasured;
+        2. a site that has a measured decision follows it (the measured shape nearest in work, see
+           :meth:`work`): the decision records the shape it ``"follows"``;
+        3. otherwise a training call (one that needs the values' gradient) is measured: the site's
+           measurement;
+        4. otherwise (a call without gradients before the site's first training call) the call runs dense,
+           and nothing is recorded, so the shape is decided again once the site has its measurement.
+
+        Every shape a run meets after its first training step is therefore decided by saved state and
+        fixed rules, never by the machine's load at that moment: a run resumed from a checkpoint takes
+        the same kernels as the uninterrupted run, whatever shapes it meets first after the resume.
+        """
         if self.policy == "sparse":
             return True
-        key = (x2d.shape[0] if conv is None else conv, x2d.dtype, x2d.device,
-               torch.is_grad_enabled() and x2d.requires_grad, torch.is_grad_enabled() and values.requires_grad)
+        value_grad = torch.is_grad_enabled() and values.requires_grad
+        key = (x2d.shape[0] if conv is None else conv, x2d.dtype, x2d.device, torch.is_grad_enabled() and x2d.requires_grad, value_grad)
         decision = self.decisions.get(key)
         if decision is None:
-            if conv is None:
-                decision = measure(self, x2d, values)
-            elif self.conv_macs(conv) < MIN_CONV_MACS:
+            measured = [k for k, d in self.decisions.items() if is_measured(d) and k[1:3] == key[1:3]]
+            if conv is not None and self.conv_macs(conv) < MIN_CONV_MACS:
                 decision = {"sparse": False, "dense_s": None, "sparse_s": None, "below_min_work": True}
+            elif measured:
+                near = min(measured, key=lambda k: (abs(math.log(self.work(k[0]) / self.work(key[0]))), self.work(k[0])))
+                decision = {"sparse": self.decisions[near]["sparse"], "dense_s": None, "sparse_s": None,
+                            "follows": _shape_fields(near[0])}
+            elif value_grad:
+                decision = measure(self, x2d, values) if conv is None else measure_conv2d(self, x2d, values, conv)
             else:
-                decision = measure_conv2d(self, x2d, values, conv)
+                return False
             self.decisions[key] = decision
         return decision["sparse"]
+
+    def work(self, shape):
+        """Multiply-adds of the dense call of ``shape`` (batch rows of ``F.linear``, or a :class:`ConvCall`), at least 1."""
+        if isinstance(shape, ConvCall):
+            return max(self.conv_macs(shape), 1)
+        return max(int(shape), 1) * self.shape.numel()
 
     def conv_call(self, x, stride=1, padding=0, dilation=1):
         """The :class:`ConvCall` of ``F.conv2d(x, W, ..., stride, padding, dilation)`` when the sparse
@@ -604,12 +633,22 @@ class SparseWeight(torch.Tensor):
                            "or turn sparse kernels off (SparseSubspaceGuide(..., sparse_kernels=False))")
 
 
+def is_measured(decision):
+    """Whether ``decision`` was measured (not decided by a rule of :meth:`LinearPattern.use_sparse`)."""
+    return "follows" not in decision and not decision.get("below_min_work")
+
+
+def _shape_fields(shape):
+    """A call shape as plain data: ``{"rows": n}`` of an ``F.linear`` call, ``{"conv2d": {...}}`` of a :class:`ConvCall`."""
+    return {"conv2d": {f: list(v) for f, v in shape._asdict().items()}} if isinstance(shape, ConvCall) else {"rows": shape}
+
+
 def _decision_row(key, decision):
-    """One row of a decision table: a measured call shape ``key`` and its ``decision`` as plain data
+    """One row of a decision table: a decided call shape ``key`` and its ``decision`` as plain data
     (``"rows"``: the batch rows of an ``F.linear`` call; ``"conv2d"``: the :class:`ConvCall` of an
-    ``F.conv2d`` call, as lists)."""
+    ``F.conv2d`` call, as lists; a decision that follows another shape names it in ``"follows"``)."""
     shape, dtype, device, input_grad, value_grad = key
-    where = {"conv2d": {f: list(v) for f, v in shape._asdict().items()}} if isinstance(shape, ConvCall) else {"rows": shape}
+    where = _shape_fields(shape)
     return {**where, "dtype": str(dtype), "device": str(device), "input_grad": bool(input_grad),
             "value_grad": bool(value_grad), **decision}
 

@@ -30,7 +30,13 @@ class BayesianClassifier(PyroModule):
 
     @property
     def dense_sites(self):
+        """The network's ``dense_sites`` (sites to keep dense in a sparse guide), as this model's site names."""
         return tuple(f"net.{s}" for s in getattr(self.net, "dense_sites", ()))
+
+    @property
+    def head_sites(self):
+        """The network's ``head_sites`` (the classifier head's weight sites), as this model's site names."""
+        return tuple(f"net.{s}" for s in getattr(self.net, "head_sites", ()))
 
 
 __all__ = ["BayesianClassifier"]

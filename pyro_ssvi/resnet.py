@@ -40,6 +40,8 @@ class ResNet18(nn.Module):
     """CIFAR-style ResNet-18: 3x3 stem with stride 1, no max-pool, four stages of two blocks."""
 
     dense_sites = ("conv1.weight",)
+    #: the classifier head's weight (``--head-dense`` of the CIFAR example keeps it dense too)
+    head_sites = ("linear.weight",)
 
     def __init__(self, num_classes=10, width=64, in_channels=3):
         super().__init__()

@@ -101,6 +101,11 @@ def test_dense_vi_baseline_same_code_path(tmp_path, cifar):
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch):
+    import pyro_ssvi.kernels as kernels
+
+    # the two first runs "measure" alike (two real measurements can disagree on a loaded machine); the resumed
+    # process measures the opposite, and must still take their kernels
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: {"sparse": True, "dense_s": 2.0, "sparse_s": 1.0})
     args = ["--dataset", "synthetic", "--num-synthetic", "96", "--epochs", "2", "--width", "4", "--batch-size", "16",
             "--mc-samples", "2", "--no-progress", "--update-every", "2", "--bn-batches", "2", "--seed", "3"]
     full = cifar.main(args + ["--checkpoint", str(tmp_path / "a.pt")])
@@ -121,18 +126,18 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch
     assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 0
     # the kernel choices are saved in the guide's state (_extra_state): a resumed process that would
     # measure the opposite must still take the saved ones, and end as the uninterrupted run
-    import pyro_ssvi.kernels as kernels
-
-    real_measure = kernels.measure
-
-    def opposite(*a, **k):
-        return {"sparse": not real_measure(*a, **k)["sparse"], "dense_s": 1.0, "sparse_s": 1.0}
-
-    monkeypatch.setattr(kernels, "measure", opposite)
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: {"sparse": False, "dense_s": 1.0, "sparse_s": 2.0})
+    monkeypatch.setattr(kernels, "measure_conv2d", lambda *a, **k: pytest.fail("measured a convolution below MIN_CONV_MACS"))
+    # the resumed process meets call shapes first after the checkpoint (the evaluation's batches): they too must
+    # take the uninterrupted run's kernels, by rule, not by a measurement that the inversion would flip
+    saved = torch.load(tmp_path / "b.pt", weights_only=False)["guide"]["_extra_state"]["kernel_decisions"]
+    new_shapes = {s: [r for r in full["kernel_decisions"][s] if r not in saved.get(s, [])] for s in full["kernel_decisions"]}
+    assert any(new_shapes.values())
     resumed = cifar.main(args + ["--checkpoint", str(tmp_path / "b.pt"), "--resume"])
+    assert resumed["kernel_decisions"] == full["kernel_decisions"]
     for key in ("test_accuracy", "test_nll", "test_ece", "test_brier", "updates", "active_params"):
         assert resumed[key] == full[key], key
-    strip = lambda log: [{k: v for k, v in row.items() if k != "seconds"} for row in log]  # noqa: E731
+    strip = lambda log: [{k: v for k, v in row.items() if k not in cifar.TIMING_FIELDS} for row in log]  # noqa: E731
     assert strip(resumed["epoch_log"]) == strip(full["epoch_log"])
 
 
@@ -152,7 +157,7 @@ def test_a_new_run_given_a_run_s_kernel_decisions_repeats_its_numbers(tmp_path, 
     again = cifar.main(args + ["--kernel-decisions", str(tmp_path / "a.json")])
     assert again["kernel_decisions"] == first["kernel_decisions"]
     for key in ("test_accuracy", "test_nll", "test_ece", "epoch_log"):
-        strip = (lambda v: [{k: x for k, x in row.items() if k != "seconds"} for row in v]) if key == "epoch_log" else (lambda v: v)
+        strip = (lambda v: [{k: x for k, x in row.items() if k not in cifar.TIMING_FIELDS} for row in v]) if key == "epoch_log" else (lambda v: v)
         assert strip(again[key]) == strip(first[key]), key
     measured = cifar.main(args)
     assert measured["kernel_decisions"] != first["kernel_decisions"]

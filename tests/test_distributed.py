@@ -88,6 +88,29 @@ def train(rank, world, case):
     return {"state": state, "history": svi.history, "losses": losses, "step_count": svi.step_count, "stale": stale}
 
 
+def _leaving_worker(rank, tmp, finished):
+    import time
+
+    from pyro_ssvi.distributed import leave_process_group
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    if rank == 0:
+        time.sleep(1.0)  # rank 0 is still busy (writing a checkpoint) when rank 1 is done
+        pathlib.Path(f"{tmp}/rank0_done").touch()
+    leave_process_group(finished)
+    left = {"initialized": dist.is_initialized(), "rank0_done": pathlib.Path(f"{tmp}/rank0_done").exists()}
+    torch.save(left, f"{tmp}/left{rank}.pt")
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_leave_process_group_waits_for_every_rank_only_after_a_normal_finish(tmp_path, finished):
+    mp.start_processes(_leaving_worker, args=(str(tmp_path), finished), nprocs=WORLD, start_method="spawn")
+    left = {r: torch.load(tmp_path / f"left{r}.pt") for r in range(WORLD)}
+    assert not left[0]["initialized"] and not left[1]["initialized"]
+    assert left[1]["rank0_done"] is finished  # after an error rank 1 leaves at once, without waiting for rank 0
+
+
 def run(tmp_path, case):
     mp.start_processes(_worker, args=(str(tmp_path), case), nprocs=WORLD, start_method="spawn")
     errors = {r: (tmp_path / f"error{r}.txt").read_text() for r in range(WORLD) if (tmp_path / f"error{r}.txt").exists()}

@@ -143,7 +143,7 @@ def test_ssvi_with_gradient_addition_matches_dense(lrt):
     assert close(s.loc("fc.weight").detach(), d.loc("fc.weight").detach())
 
 
-def test_auto_choice_is_measured_per_call_shape():
+def test_auto_choice_is_measured_once_per_site_and_followed_by_other_call_shapes():
     model, g_auto, g_dense = pair()
     g_auto = SparseSubspaceGuide(model, density=0.3)  # the default: "auto"
     g_auto(torch.zeros(2, 12))
@@ -154,10 +154,29 @@ def test_auto_choice_is_measured_per_call_shape():
     with torch.no_grad():
         g_auto.kernel_pattern("fc.weight")  # unchanged: the same pattern holds the decisions
         pyro.poutine.replay(model, pyro.poutine.trace(g_auto).get_trace(x))(torch.randn(7, 12))
-    report = g_auto.kernel_report()["fc.weight"]
-    assert sorted(r["rows"] for r in report) == [5, 7]  # one measurement per call shape
-    for r in report:
-        assert r["sparse"] == (r["sparse_s"] < 0.9 * r["dense_s"])
+    report = {r["rows"]: r for r in g_auto.kernel_report()["fc.weight"]}
+    assert sorted(report) == [5, 7]
+    assert report[5]["sparse"] == (report[5]["sparse_s"] < 0.9 * report[5]["dense_s"])  # the site's one measurement
+    assert report[7]["follows"] == {"rows": 5} and report[7]["sparse"] == report[5]["sparse"] and report[7]["dense_s"] is None
+
+
+def test_a_new_call_shape_follows_the_nearest_measured_one_without_timing(monkeypatch):
+    """Rules, not timing, for every shape after the site's measurement: the nearest measured shape in work
+    (a table loaded from an older run can hold several); the measured dtype and device only."""
+    from pyro_ssvi import kernels
+
+    pattern = LinearPattern(torch.arange(0, 40, 3), (5, 8))
+    pattern.decisions.update({(8, torch.float32, torch.device("cpu"), False, True): {"sparse": True, "dense_s": 1.0, "sparse_s": 0.5},
+                              (512, torch.float32, torch.device("cpu"), False, True): {"sparse": False, "dense_s": 1.0, "sparse_s": 2.0}})
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: pytest.fail("measured a shape that has a rule"))
+    v = torch.randn(14, requires_grad=True)
+    assert pattern.use_sparse(torch.randn(30, 8), v) is True  # log-distance 1.3 to 8, 2.8 to 512
+    assert pattern.use_sparse(torch.randn(100, 8), v) is False
+    with torch.no_grad():
+        assert pattern.use_sparse(torch.randn(64, 8), v) is True  # equidistant: the smaller one
+    measured = []
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: measured.append(1) or {"sparse": True, "dense_s": 1.0, "sparse_s": 0.1})
+    assert pattern.use_sparse(torch.randn(30, 8, dtype=torch.float64), v.double()) is True and measured == [1]  # another dtype
 
 
 def test_measure_prefers_the_faster_path(monkeypatch):

@@ -251,7 +251,30 @@ def test_a_convolution_below_the_minimum_work_runs_dense_unmeasured(monkeypatch)
     assert next(iter(pattern.decisions.values())) == {"sparse": False, "dense_s": None, "sparse_s": None, "below_min_work": True}
     pattern.decisions.clear()
     monkeypatch.setattr(kernels, "MIN_CONV_MACS", macs)
-    assert pattern.use_sparse(x, v, call) is True and measured == [1]
+    assert pattern.use_sparse(x, v, call) is False and not measured  # no gradient: not a training call, not measured
+    assert not pattern.decisions
+    assert pattern.use_sparse(x, v.requires_grad_(), call) is True and measured == [1]  # the first training call
+
+
+def test_every_convolution_call_shape_after_the_measured_one_follows_it(monkeypatch):
+    """One measurement per site (its first training call); a later call shape, with or without gradients and
+    larger or smaller, takes the measured choice without timing (``"follows"``), except below MIN_CONV_MACS."""
+    from pyro_ssvi import kernels
+
+    pattern = random_pattern((6, 4, 3, 3), policy="auto")
+    v = torch.randn(pattern.num_active, requires_grad=True)
+    calls = []
+    monkeypatch.setattr(kernels, "measure_conv2d", lambda *a, **k: calls.append(1) or {"sparse": True, "dense_s": 1.0, "sparse_s": 0.1})
+    x = torch.randn(4, 4, 8, 8)
+    monkeypatch.setattr(kernels, "MIN_CONV_MACS", pattern.conv_macs(ConvCall.of(x[:2], 1, 1, 1)))
+    assert pattern.use_sparse(x, v, ConvCall.of(x, 1, 1, 1)) is True and calls == [1]
+    with torch.no_grad():
+        assert pattern.use_sparse(torch.randn(16, 4, 8, 8), v, ConvCall.of(torch.randn(16, 4, 8, 8), 1, 1, 1)) is True
+    assert pattern.use_sparse(x[:3], v, ConvCall.of(x[:3], 1, 1, 1)) is True
+    assert pattern.use_sparse(x[:1], v, ConvCall.of(x[:1], 1, 1, 1)) is False  # below the minimum work
+    assert calls == [1]
+    follows = [d["follows"] for d in pattern.decisions.values() if "follows" in d]
+    assert follows == [{"conv2d": {"input": [4, 4, 8, 8], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}}] * 2
 
 
 def test_the_choice_is_measured_per_convolution_call_shape_and_saved(monkeypatch):
