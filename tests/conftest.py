@@ -13,9 +13,13 @@ def pytest_configure(config):
     """``PYRO_SSVI_TEST_DEVICE=cuda pytest`` runs the suite with tensors created on that device by default.
 
     Under pytest-xdist (the suite runs on 2 worker processes, see setup.cfg) each worker keeps to one
-    torch thread, so that the workers do not oversubscribe the cores.
+    torch thread, so that the workers do not oversubscribe the cores; ``PYRO_SSVI_TEST_THREADS=N`` sets
+    another count (``-m determinism`` under 2 threads, for instance: results must not depend on it).
     """
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    threads = os.environ.get("PYRO_SSVI_TEST_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
     device = os.environ.get("PYRO_SSVI_TEST_DEVICE")
     if device:

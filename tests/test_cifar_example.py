@@ -100,6 +100,7 @@ def test_dense_vi_baseline_same_code_path(tmp_path, cifar):
     assert result["train_flops_per_step"] == result["dense_vi_train_flops_per_step"]
 
 
+@pytest.mark.determinism
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch):
     import pyro_ssvi.kernels as kernels
 
@@ -141,6 +142,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cifar, monkeypatch
     assert strip(resumed["epoch_log"]) == strip(full["epoch_log"])
 
 
+@pytest.mark.determinism
 def test_a_new_run_given_a_run_s_kernel_decisions_repeats_its_numbers(tmp_path, cifar, monkeypatch):
     """--kernel-decisions: the choices recorded in a run's --out JSON, taken back by a new run that would
     measure the opposite (a loaded machine), give that run's numbers; measuring gives other choices."""

@@ -44,6 +44,7 @@ def test_two_processes_train_end_to_end_and_rank_0_alone_reports(tmp_path):
     assert res.stdout.count("test: ") == 1 and res.stdout.count("epoch   1/2") == 1  # rank 0 alone prints
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("first, second, port", [(2, 1, 29621), (1, 2, 29631)])
 def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, second, port):
     ckpt, out = tmp_path / "c.pt", tmp_path / "r.json"

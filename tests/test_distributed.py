@@ -134,6 +134,7 @@ def test_ranks_keep_identical_guides_through_updates(tmp_path, case):
     assert a["history"] == b["history"]
 
 
+@pytest.mark.determinism
 def test_a_resumed_rank_0_sets_every_rank_s_step_count_and_active_sets(tmp_path):
     """The start-of-run broadcast reaches what is derived from the guide's buffers: the step count
     (read from a host copy) and the kernel patterns of the active sets rank 1 drew for itself."""
@@ -154,6 +155,7 @@ def test_a_desynchronised_active_set_is_detected_and_named(tmp_path):
         assert "SubspaceMismatchError: step 6: the active set of site 'fc2.weight' differs between ranks [0] vs [1]" in text
 
 
+@pytest.mark.determinism
 def test_two_processes_follow_the_single_process_trajectory(tmp_path):
     """Same global batch, same weight noise: the mean of the ranks' losses is the one-process loss at every step."""
     results, errors = run(tmp_path, "trajectory")

@@ -203,6 +203,7 @@ def test_a_sparse_part_of_a_guide_list_checks_its_state_before_copying():
     assert same(tensors(guide[1]), before)
 
 
+@pytest.mark.determinism
 def test_a_checkpoint_without_kernel_choices_still_loads():
     state = set_up_guide(seed=1).state_dict()
     del state["_extra_state"]  # as written before kernel choices were saved
@@ -243,6 +244,7 @@ def run(steps, start=None, measure=None, monkeypatch=None, then=0):
         return guide, torch.load(buf, weights_only=False)
 
 
+@pytest.mark.determinism
 def test_a_resumed_run_takes_the_measured_kernel_paths_whatever_it_would_measure_now(monkeypatch):
     uninterrupted, checkpoint = run(3, then=3)  # a checkpoint after step 3, and the run going on to step 6
     table = checkpoint["guide"]["_extra_state"]["kernel_decisions"]
