@@ -72,7 +72,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro.infer.autoguide.initialization import init_to_value
 
-from pyro_ssvi import SSVI, SparseSubspaceGuide
+from pyro_ssvi import SSVI, SparseSubspaceGuide, SwapSchedule
+from pyro_ssvi.allocation import ALLOCATIONS
+from pyro_ssvi.masks import SparseMasks
 from pyro_ssvi.scripts.cli import ArgumentParser, run_main
 from pyro_ssvi.criteria import REMOVAL_CRITERIA
 from pyro_ssvi.cost import dense_guide_bytes, flops_report, guide_state_bytes, tensor_bytes
@@ -254,7 +256,7 @@ EVAL_FLAGS = (
     "data_dir", "download", "device", "shift", "shift_severities", "shift_images", "calibrate", "kernel_decisions",
 )
 #: flags that fix the model and the data: --eval-only needs a checkpoint that agrees on them
-MODEL_FLAGS = ("dataset", "width", "density", "prior_scale", "subset", "val_fraction", "num_synthetic", "seed", "deterministic",
+MODEL_FLAGS = ("dataset", "width", "density", "allocation", "head_dense", "prior_scale", "subset", "val_fraction", "num_synthetic", "seed", "deterministic",
                "image_size")
 #: the training flags that an --eval-only run uses as given (the others come from its checkpoint)
 EVAL_TIME_FLAGS = EVAL_FLAGS + ("bn_batches",)
@@ -559,7 +561,8 @@ def build_guide(args, model, pretrained=False):
     kwargs = {}
     if pretrained:
         kwargs = {"init_loc_fn": init_to_value(values=pretrained_values(model), fallback=init_to_normal), "init_subspace": "magnitude"}
-    return SparseSubspaceGuide(model, density=args.density, dense_sites=dense_sites, **kwargs)
+    return SparseSubspaceGuide(model, density=args.density, allocation=args.allocation if args.density < 1 else "uniform",
+                               dense_sites=dense_sites, **kwargs)
 
 
 def bn_recalibration_batches(args, xtr, prep):
@@ -707,6 +710,14 @@ class DeterministicRun:
 
     def __init__(self, args, net, total_steps, n_train, sample_batch, world=1):
         self.args, self.net, self.world = args, net, world
+        self.masks = None
+        if args.density < 1:  # --deterministic --density D: the layers SSVI makes sparse, masked on SSVI's schedule
+            dense = set(net.dense_sites) | (set(net.head_sites) if args.head_dense else set())
+            weights = {f"{name}.weight": m.weight for name, m in net.named_modules()
+                       if isinstance(m, (nn.Conv2d, nn.Linear)) and f"{name}.weight" not in dense}
+            schedule = SwapSchedule(total_steps, args.update_every, args.removal_fraction, args.stop_updates_at)
+            self.masks = SparseMasks(weights, args.density, schedule, args.allocation,
+                                     generator=torch.Generator().manual_seed(args.seed))
         if world > 1:
             broadcast_state(net)  # the same start on every rank
         self.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -714,7 +725,12 @@ class DeterministicRun:
         self.steps = 0
 
     module = property(lambda self: self.net)
-    density = 1.0
+
+    @property
+    def density(self):
+        """Nonzero conv and linear weights over all of them (1 for the plain network)."""
+        weights = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        return 1.0 if self.masks is None else (weights - self.masks.dense_params + self.masks.active_params) / weights
 
     def step(self, xb, yb):
         """One SGD step: ``(loss, logits)``; a non-finite loss or gradient stops the run, with no parameter changed."""
@@ -734,8 +750,15 @@ class DeterministicRun:
             raise NonFiniteLossError(
                 f"step {self.steps + 1}: the loss or a gradient is not finite (loss {value}); lower --lr ({self.args.lr})"
             )
+        dense_grads = None
+        if self.masks is not None:
+            if self.masks.schedule.is_update_step(self.steps + 1):
+                dense_grads = self.masks.dense_gradients()  # gradient addition ranks the inactive weights by them
+            self.masks.mask_gradients()
         self.optimizer.step()
         self.steps += 1
+        if dense_grads is not None:
+            self.masks.update(self.steps, dense_grads, self.optimizer)
         return value, logits.detach()
 
     def predict_batch(self, xb, mc_samples):
@@ -747,37 +770,65 @@ class DeterministicRun:
         torch.optim.swa_utils.update_bn(batches, self.net)
 
     def state_dict(self):
+        ssvi = {"steps": self.steps, **({"masks": self.masks.state_dict()} if self.masks is not None else {})}
         return {"model": self.net.state_dict(), "guide": None, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "ssvi": {"steps": self.steps}}
+                "scheduler": self.scheduler.state_dict(), "ssvi": ssvi}
 
     def load_state_dict(self, ckpt):
         if ckpt["guide"] is not None:
             raise ValueError("a checkpoint of a Bayesian run")
+        if (self.masks is None) != ("masks" not in ckpt["ssvi"]):
+            raise ValueError("a checkpoint of a " + ("dense" if self.masks is not None else "sparse") + " deterministic run")
+        if self.masks is not None:
+            self.masks.load_state_dict(ckpt["ssvi"]["masks"])
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.steps = ckpt["ssvi"]["steps"]
 
     def updates(self):
-        return 0
+        return 0 if self.masks is None else len(self.masks.history)
 
     def costs(self, xb):
-        """Weights (conv and linear), bytes of parameters and SGD momentum, 3x the counted forward FLOPs."""
+        """Weights (conv and linear; nonzero ones when masked), bytes of parameters and SGD momentum (a masked
+        weight stored sparse: value, int64 index and momentum per kept entry), 3x the counted forward FLOPs (a
+        masked layer's scaled by its density, as the Bayesian runs count theirs)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         weights = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        masked = {} if self.masks is None else {id(p): (self.masks.masks[n], p) for n, p in self.masks.params.items()}
+        state = {id(p): [v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v)] for p in self.net.parameters()}
+        nbytes = 0
+        for p in self.net.parameters():
+            if id(p) in masked:
+                kept = int(masked[id(p)][0].sum())
+                nbytes += kept * (p.element_size() * (1 + len(state[id(p)])) + 8)
+            else:
+                nbytes += tensor_bytes(p) + sum(tensor_bytes(t) for t in state[id(p)])
+        layer_flops, hooks = {}, []
+        for m in self.net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m.weight) in masked:
+                def hook(mod, inp, out):
+                    per_output = mod.weight[0].numel() if isinstance(mod, nn.Conv2d) else mod.in_features
+                    layer_flops[id(mod.weight)] = 2 * out.numel() * per_output
+                hooks.append(m.register_forward_hook(hook))
         was_training = self.net.training
         self.net.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self.net(xb)
-        self.net.train(was_training)
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                self.net(xb)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.net.train(was_training)
+        flops = counter.get_total_flops() - sum(f * (1 - masked[key][0].float().mean().item()) for key, f in layer_flops.items())
+        active = weights if self.masks is None else weights - self.masks.dense_params + self.masks.active_params
         return {
-            "density": 1.0,
-            "active_params": weights,
+            "density": active / weights,
+            "active_params": active,
             "dense_params": weights,
-            "guide_bytes": sum(tensor_bytes(p) for p in self.net.parameters()) + sum(tensor_bytes(t) for t in state),
-            "train_flops_per_step": 3 * counter.get_total_flops(),
+            "guide_bytes": nbytes,
+            "train_flops_per_step": 3 * flops,
         }
 
 
@@ -832,7 +883,11 @@ def build_parser():
     a("--download", action="store_true", help="download missing data sets with torchvision")
     a("--epochs", type=int, default=200, help="training epochs")
     a("--batch-size", type=int, default=128, help="minibatch size")
-    a("--density", type=float, default=0.1, help="fraction of active weights per sparse layer; 1.0 = dense VI")
+    a("--density", type=float, default=None, help="fraction of active weights per sparse layer; 1.0 = dense VI. Default: 0.1, "
+      "and 1.0 (the plain network) with --deterministic; --deterministic --density 0.1 trains the plain network sparse "
+      "(magnitude removal, gradient addition on SSVI's schedule: RigL)")
+    a("--allocation", choices=ALLOCATIONS, default="uniform", help="how --density is spread over the sparse layers: uniform "
+      "(every layer the same, the paper's) or erk (Erdős–Rényi-Kernel: small layers keep more, the same total)")
     a("--subset", type=int, default=None, help="use only the first N training images (CPU runs); default: all")
     a("--val-fraction", type=float, default=0.0, help="fraction of the training images held out and evaluated each epoch (0: train on all, as the recipe)")
     a("--width", type=int, default=64, help="ResNet-18 base width (64 = the standard network)")
@@ -1066,6 +1121,8 @@ def parse_args(argv):
     """The flags, every one checked (ranges, files, checkpoint) before any data is loaded."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.density is None:
+        args.density = 1.0 if args.deterministic else 0.1
     _check_numbers(p, args)
     _check_data(p, args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1234,7 +1291,8 @@ def _main(args, rank, world, device):
     result = {
         "processes": world,
         "dataset": args.dataset,
-        "method": "deterministic" if args.deterministic else ("dense VI" if args.density == 1 else "SSVI"),
+        "method": (("deterministic" if args.density == 1 else "deterministic sparse") if args.deterministic
+                   else ("dense VI" if args.density == 1 else "SSVI")),
         **costs,
         "train_images": n_train,
         "val_images": n_val,

@@ -114,7 +114,8 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--mc-samples", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (split and initialisation)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds run one after another (--seed, --seed + 1, ...); the table shows mean ± sd")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="save reliability diagrams (one per density) to this image file")
     p.add_argument("--no-progress", action="store_true")
@@ -125,7 +126,7 @@ def parse_args(argv):
         p.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
     if not all(0 < d <= 1 for d in args.densities):
         p.error(f"--densities: every density must lie in (0, 1], got {args.densities}")
-    for name in ("steps", "batch_size", "hidden", "mc_samples"):
+    for name in ("steps", "batch_size", "hidden", "mc_samples", "seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -138,18 +139,19 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    data = load_digits_split(args.seed)
+def run_seed(args, seed):
+    """Every density on the split and initialisation of ``seed``: ``(reports, [(density, probs)], test labels)``."""
+    data = load_digits_split(seed)
     results, probs_by_density = [], []
     for density in args.densities:
         model, guide, svi, optim, seconds = fit(
-            density, data, args.steps, args.lr, args.hidden, args.seed, args.batch_size, not args.no_progress
+            density, data, args.steps, args.lr, args.hidden, seed, args.batch_size, not args.no_progress
         )
         report, probs = evaluate(model, guide, data[2], data[3], args.mc_samples)
         probs_by_density.append((density, probs))
         report.update(
             density=density,
+            seed=seed,
             active_params=guide.active_params,
             dense_params=guide.dense_params,
             guide_bytes=guide_state_bytes(guide, optim),
@@ -157,17 +159,54 @@ def main(argv=None):
             updates=len(svi.history),
         )
         results.append(report)
-    header = f"{'density':>8} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7} {'active params':>14} {'guide bytes':>12} {'seconds':>8}"
-    print(header)
-    for r in results:
-        print(
-            f"{r['density']:>8g} {r['accuracy']:>9.4f} {r['nll']:>7.4f} {r['ece']:>7.4f} {r['brier']:>7.4f} "
-            f"{r['active_params']:>7}/{r['dense_params']:<6} {r['guide_bytes']:>12} {r['seconds']:>8.1f}"
-        )
+    return results, probs_by_density, data[3]
+
+
+METRICS = ("accuracy", "nll", "ece", "brier")
+
+
+def summarise(results, densities):
+    """Per density: the mean and standard deviation over seeds of each metric and of the seconds."""
+    out = []
+    for density in densities:
+        rs = [r for r in results if r["density"] == density]
+        row = {"density": density, "seeds": len(rs), "active_params": rs[0]["active_params"], "dense_params": rs[0]["dense_params"],
+               "guide_bytes": rs[0]["guide_bytes"]}
+        for key in (*METRICS, "seconds"):
+            values = torch.tensor([float(r[key]) for r in rs], dtype=torch.float64)
+            row[key] = values.mean().item()
+            row[f"{key}_sd"] = values.std().item() if len(rs) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def print_table(summary):
+    seeds = summary[0]["seeds"]
+    pm = (lambda r, k, d: f"{r[k]:.{d}f} ± {r[k + '_sd']:.{d}f}") if seeds > 1 else (lambda r, k, d: f"{r[k]:.{d}f}")
+    width = 17 if seeds > 1 else 7
+    print(f"{'density':>8} {'accuracy':>{width}} {'NLL':>{width}} {'ECE':>{width}} {'Brier':>{width}} {'active params':>14} "
+          f"{'guide bytes':>12} {'seconds':>8}")
+    for r in summary:
+        print(f"{r['density']:>8g} {pm(r, 'accuracy', 4):>{width}} {pm(r, 'nll', 4):>{width}} {pm(r, 'ece', 4):>{width}} "
+              f"{pm(r, 'brier', 4):>{width}} {r['active_params']:>7}/{r['dense_params']:<6} {r['guide_bytes']:>12} {r['seconds']:>8.1f}")
+    if seeds > 1:
+        print(f"(mean ± sd over {seeds} seeds, each its own train/test split and initialisation; seconds: training time per seed)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results, probs_by_density, y_test = [], None, None
+    for seed in range(args.seed, args.seed + args.seeds):
+        reports, probs, labels = run_seed(args, seed)
+        results += reports
+        if probs_by_density is None:  # the reliability diagrams show the first seed
+            probs_by_density, y_test = probs, labels
+    summary = summarise(results, args.densities)
+    print_table(summary)
     if args.plot:
-        plot_reliability_diagrams(args.plot, probs_by_density, data[3])
-        print(f"reliability diagrams: {args.plot}")
-    out = {"results": results, "args": {k: v for k, v in vars(args).items()}}
+        plot_reliability_diagrams(args.plot, probs_by_density, y_test)
+        print(f"reliability diagrams: {args.plot} (seed {args.seed})")
+    out = {"summary": summary, "results": results, "args": {k: v for k, v in vars(args).items()}}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)

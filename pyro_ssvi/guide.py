@@ -48,6 +48,7 @@ from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule
 from pyro.poutine.runtime import am_i_wrapped
 
+from .allocation import ALLOCATIONS, active_counts
 from .distributions import SparseNormal, factorised_base
 from .kernels import KernelSelector, parse_decision_table
 from .site import SiteInfo, SparseSite, scale_bijection
@@ -109,6 +110,12 @@ class SparseSubspaceGuide(AutoGuide):
     :param density: fraction of each site's coordinates that are random variables:
         a float in ``(0, 1]`` for every site, or a mapping ``site name -> density``
         (sites it does not name are dense, density 1).
+    :param str allocation: how a float ``density`` is spread over the sparse sites
+        (:mod:`pyro_ssvi.allocation`): ``"uniform"`` (default, the paper's: every site keeps
+        ``round(density * numel)``) or ``"erk"`` (Erdős–Rényi-Kernel, Evci et al. 2020: density
+        proportional to ``sum(shape) / prod(shape)``, so small layers keep more, the total
+        ``round(density * total)`` exactly). A mapping ``density`` sets every site itself and takes
+        only ``"uniform"``. Saved in :meth:`state_dict`; loading a state of another allocation is refused.
     :param dense_sites: names of sites kept dense (density 1, still mean-field Normal),
         e.g. the first convolution in the reference recipe.
     :param callable init_loc_fn: a Pyro init function ``site -> value``; the value is
@@ -143,6 +150,7 @@ class SparseSubspaceGuide(AutoGuide):
         model,
         density=0.1,
         *,
+        allocation="uniform",
         dense_sites=(),
         init_loc_fn=init_to_normal,
         init_scale=(6e-4, 5e-4),
@@ -153,6 +161,12 @@ class SparseSubspaceGuide(AutoGuide):
         create_plates=None,
     ):
         self._density = self._check_density(density)
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
+        if allocation != "uniform" and isinstance(self._density, dict):
+            raise ValueError(f"allocation={allocation!r} spreads one float density over the sites; a mapping density "
+                             "sets each site itself: pass allocation='uniform' with it")
+        self.allocation = allocation
         self.kernels = KernelSelector(self._check_kernels(sparse_kernels))
         if isinstance(dense_sites, str) or not all(isinstance(s, str) for s in dense_sites):
             raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
@@ -217,12 +231,19 @@ class SparseSubspaceGuide(AutoGuide):
     def _check_kernels(cls, choice):
         return cls._check_per_site("sparse_kernels", choice, lambda v: v is True or v is False or v == "auto", "'auto', True or False")
 
-    def _site_density(self, name):
-        if name in self._dense_sites:
-            return 1.0
+    def _active_counts(self, shapes):
+        """``{site: k}`` for the model's site ``shapes``: dense sites (``dense_sites``, density 1, sites a mapping
+        does not name) keep every coordinate; a mapping's sites their own ``round(d * numel)``; a float
+        ``density`` is spread over the other sites by ``allocation``."""
+        counts = {n: s.numel() for n, s in shapes.items()}
         if isinstance(self._density, dict):
-            return self._density.get(name, 1.0)
-        return self._density
+            named = {n: s for n, s in shapes.items() if n in self._density and n not in self._dense_sites}
+            for n, s in named.items():
+                counts.update(active_counts({n: s}, self._density[n]))
+            return counts
+        sparse = {n: s for n, s in shapes.items() if n not in self._dense_sites}
+        counts.update(active_counts(sparse, self._density, self.allocation) if sparse else {})
+        return counts
 
     # set-up --------------------------------------------------------------------------
     def setup(self, *args, **kwargs):
@@ -235,17 +256,18 @@ class SparseSubspaceGuide(AutoGuide):
         super()._setup_prototype(*args, **kwargs)
         sites = OrderedDict()
         self.sites = PyroModule()  # sites.<site name>: a SparseSite, nested by the dots of the name as in AutoNormal
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
+        nodes = list(self.prototype_trace.iter_stochastic_nodes())
+        for name, site in nodes:
+            if not _is_real(site["fn"].support):
+                raise ValueError(_unsupported_support_message(name, site["fn"].support))
+        counts = self._active_counts({name: site["fn"].batch_shape + site["fn"].event_shape for name, site in nodes})
+        for name, site in nodes:
             fn = site["fn"]
-            if not _is_real(fn.support):
-                raise ValueError(_unsupported_support_message(name, fn.support))
             frames = ()
             if fn.batch_shape != torch.Size():
                 frames = _plate_local_frames(name, site)  # or ValueError: dims outside plates, subsampled plates
             shape = fn.batch_shape + fn.event_shape
-            numel = shape.numel()
-            density = self._site_density(name)
-            k = numel if density >= 1.0 else min(numel, max(1, int(round(density * numel))))
+            numel, k = shape.numel(), counts[name]
             if k < numel and factorised_base(fn) is None:
                 raise ValueError(
                     f"site {name!r}: prior {type(fn).__name__} is not factorised over coordinates; a sparse "
@@ -453,8 +475,8 @@ class SparseSubspaceGuide(AutoGuide):
         self.kernels.set_decision_table(table, list(self._sites or ()))
 
     def get_extra_state(self):
-        """What ``state_dict()`` saves beside the tensors: the measured kernel choices."""
-        return {"kernel_decisions": self.kernel_decisions()}
+        """What ``state_dict()`` saves beside the tensors: the allocation and the kernel choices."""
+        return {"allocation": self.allocation, "kernel_decisions": self.kernel_decisions()}
 
     def set_extra_state(self, state):
         self.set_kernel_decisions(state.get("kernel_decisions", {}))
@@ -612,11 +634,16 @@ class SparseSubspaceGuide(AutoGuide):
         """Raise ``ValueError`` naming the site (or key) if ``state_dict`` (keys under ``prefix``) cannot be
         loaded into this guide: missing or unexpected keys (with ``strict``), a tensor of another shape
         or dtype kind, non-finite means or scales, active indices out of ``[0, numel)`` or repeated,
-        negative births. Slots may come in any order (SSVI keeps them in row-major
+        negative births, another ``allocation``. Slots may come in any order (SSVI keeps them in row-major
         order; the kernels accept any), each with its own index, mean, scale and birth."""
         self._require_setup("check_state_dict")
         own = self.state_dict()
         given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        extra = given.get("_extra_state")
+        saved = extra.get("allocation", "uniform") if isinstance(extra, Mapping) else "uniform"  # older states: uniform
+        if saved != self.allocation:
+            raise ValueError(f"state_dict: written by a guide with allocation={saved!r}, this guide has "
+                             f"allocation={self.allocation!r}; build the guide with the state's allocation")
         if strict:
             missing = [k for k in own if k not in given and k != "_extra_state"]
             unexpected = [k for k in given if k not in own]

@@ -371,3 +371,51 @@ def test_observed_logits_are_the_likelihoods_of_the_step(cifar):
         guide(x)
     torch.testing.assert_close(observed.logits, seen[-1].log_softmax(-1))
     pyro.clear_param_store()
+
+
+SPARSE_ARGS = ["--dataset", "synthetic", "--num-synthetic", "64", "--epochs", "2", "--width", "4", "--batch-size", "16",
+               "--mc-samples", "2", "--no-progress", "--update-every", "2", "--bn-batches", "1", "--seed", "1"]
+
+
+def test_the_deterministic_network_trained_sparse_keeps_exact_zeros_outside_its_masks(tmp_path, cifar):
+    """--deterministic --density 0.1: the plain network masked like SSVI's sparse sites (the first convolution
+    dense), swapped on SSVI's schedule; every other weight an exact zero; its counts reported like SSVI's."""
+    from pyro_ssvi import SwapSchedule
+
+    result = cifar.main(SPARSE_ARGS + ["--deterministic", "--density", "0.1", "--checkpoint", str(tmp_path / "s.pt")])
+    assert result["method"] == "deterministic sparse"
+    assert result["updates"] == len(SwapSchedule(2 * 4, 2, 0.3, 0.75).update_steps())
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=False)
+    masks = ckpt["ssvi"]["masks"]["masks"]
+    assert "conv1.weight" not in masks and "linear.weight" in masks
+    weights = {k: v for k, v in ckpt["model"].items() if k.endswith("weight") and v.dim() in (2, 4)}
+    for name, mask in masks.items():
+        assert torch.all(weights[name][~mask] == 0) and mask.float().mean().item() == pytest.approx(0.1, abs=0.01)
+    nonzero = sum(int((w != 0).sum()) for w in weights.values())
+    assert result["active_params"] == nonzero + sum(int((weights[n][m] == 0).sum()) for n, m in masks.items())
+    assert result["active_params"] < 0.15 * result["dense_params"] and result["guide_bytes"] > 0
+    plain = cifar.main(SPARSE_ARGS + ["--deterministic"])  # no --density: the plain, dense network
+    assert plain["method"] == "deterministic" and plain["active_params"] == plain["dense_params"]
+    assert result["train_flops_per_step"] < 0.5 * plain["train_flops_per_step"]
+
+
+def test_erk_allocation_reaches_the_guide_and_a_resume_with_another_is_refused(tmp_path, cifar, capsys):
+    from pyro_ssvi.allocation import erk_counts
+    from pyro_ssvi.models import ResNet18
+
+    ckpt = tmp_path / "e.pt"
+    result = cifar.main(SPARSE_ARGS + ["--allocation", "erk", "--stop-after", "1", "--checkpoint", str(ckpt)])
+    assert result == {"stopped_after_epoch": 1, "processes": 1}
+    state = torch.load(ckpt, weights_only=False)
+    assert state["guide"]["_extra_state"]["allocation"] == "erk"
+    shapes = {f"net.{n}": p.shape for n, p in ResNet18(10, 4).named_parameters() if n.endswith("weight") and p.dim() in (2, 4)}
+    first = shapes.pop("net.conv1.weight")  # dense, off the budget
+    expected = sum(erk_counts(shapes, 0.1).values()) + first.numel()
+    assert expected == round(0.1 * sum(s.numel() for s in shapes.values())) + first.numel()
+    result = cifar.main(SPARSE_ARGS + ["--allocation", "erk", "--checkpoint", str(ckpt), "--resume"])
+    assert result["active_params"] == expected
+    with pytest.raises(SystemExit) as e:
+        cifar.command(SPARSE_ARGS + ["--allocation", "uniform", "--checkpoint", str(ckpt), "--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allocation" in err and "Traceback" not in err

@@ -31,9 +31,9 @@ def test_is_an_autoguide_with_compact_storage():
     assert guide.loc("fc2.weight").shape == (100,)
     assert guide.unconstrained_scale("fc2.weight").shape == (100,)
     # nothing of dense size: every stored tensor has k entries (or is the step counter); beside them, the
-    # measured kernel choices (extra state, none measured yet)
+    # allocation and the measured kernel choices (extra state, none measured yet)
     state = guide.state_dict()
-    assert state["_extra_state"] == {"kernel_decisions": {}}
+    assert state["_extra_state"] == {"allocation": "uniform", "kernel_decisions": {}}
     sizes = sorted(t.numel() for t in state.values() if torch.is_tensor(t))
     assert sizes == [1, 100, 100, 100, 100, 640, 640, 640, 640]  # indices, births, loc, rho per site
     assert guide.prototype_trace is None

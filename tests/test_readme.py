@@ -44,20 +44,27 @@ def test_readme_commands_name_the_main_job_and_pytest():
 
 def test_main_job_cli(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "rel.png"
-    cmd = [sys.executable, str(ROOT / "examples" / "digits.py"), "--steps", "150", "--no-progress", "--out", str(out), "--plot", str(png)]
+    cmd = [sys.executable, str(ROOT / "examples" / "digits.py"), "--steps", "100", "--seeds", "2", "--no-progress", "--out", str(out),
+           "--plot", str(png)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "accuracy" in res.stdout and "0.1" in res.stdout
+    assert "accuracy" in res.stdout and "0.1" in res.stdout and "mean ± sd over 2 seeds" in res.stdout
     assert png.stat().st_size > 5000
     import json
+    import statistics
 
-    results = json.loads(out.read_text())["results"]
-    assert [r["density"] for r in results] == [0.1, 1.0]
-    sparse, dense = results
-    assert sparse["active_params"] == 740 and dense["active_params"] == 7400
-    assert sparse["guide_bytes"] < 0.15 * dense["guide_bytes"]
+    saved = json.loads(out.read_text())
+    results = saved["results"]
+    assert [(r["seed"], r["density"]) for r in results] == [(0, 0.1), (0, 1.0), (1, 0.1), (1, 1.0)]
     for r in results:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 and r["nll"] > 0
+        assert r["active_params"] == (740 if r["density"] == 0.1 else 7400)
+    sparse, dense = saved["summary"]
+    assert sparse["guide_bytes"] < 0.15 * dense["guide_bytes"] and sparse["seeds"] == 2
+    for row in saved["summary"]:  # the table's mean ± sd is over the seeds' own figures
+        values = [r["accuracy"] for r in results if r["density"] == row["density"]]
+        assert row["accuracy"] == statistics.fmean(values) and abs(row["accuracy_sd"] - statistics.stdev(values)) < 1e-12
+        assert f"{row['accuracy']:.4f} ± {row['accuracy_sd']:.4f}" in res.stdout
 
 
 def test_main_job_bad_flag_is_one_line():

@@ -269,7 +269,7 @@ def test_kernel_decisions_can_be_fixed_by_hand_and_bad_tables_are_refused():
     row = {"rows": 12, "dtype": "torch.float32", "device": "cpu", "input_grad": True, "value_grad": True, "sparse": True}
     guide.set_kernel_decisions({"fc1.weight": [row]})
     assert guide.kernel_decisions() == {"fc1.weight": [row]}
-    assert guide.state_dict()["_extra_state"] == {"kernel_decisions": {"fc1.weight": [row]}}
+    assert guide.state_dict()["_extra_state"] == {"allocation": "uniform", "kernel_decisions": {"fc1.weight": [row]}}
     with pytest.raises(ValueError, match="unknown site names.*nope"):
         guide.set_kernel_decisions({"nope": [row]})
     with pytest.raises(ValueError, match="site 'fc1.weight'.*sparse"):
