@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
-from cifar_real import SCRIPT, BenchmarkError, UsageError, metric, run_logged, shift_means  # noqa: E402
+from cifar_real import BenchmarkError, UsageError, example_command, metric, run_logged, shift_means, status  # noqa: E402
 from common import add_common_flags, markdown_table, mean_std, pyplot, save_figure, write_results  # noqa: E402
 
 METHODS = ("deterministic", "deterministic sparse", "dense VI", "SSVI")
@@ -123,25 +123,8 @@ def plan(args):
 
 
 def command(run, args):
-    """The example's command line of one run."""
-    cmd = [sys.executable, str(SCRIPT), "--dataset", "folder", "--data-dir", os.path.abspath(os.path.expanduser(args.data_dir)),
-           *run["cell"].flags(), "--seed", str(run["seed"]), "--shift", "all", "--shift-severities", "3,5",
-           "--shift-images", str(args.shift_images), "--mc-samples", "10", "--device", args.device, "--no-progress",
-           "--out", run["out"], "--checkpoint", run["checkpoint"]]
-    if args.resume and os.path.exists(run["checkpoint"]):
-        cmd.append("--resume")
-    if args.stop_after is not None:
-        cmd += ["--stop-after", str(args.stop_after)]
-    return cmd
-
-
-def status(run, args):
-    """``done`` (JSON there), ``resume``, ``blocked`` (a checkpoint but no --resume) or ``new``."""
-    if os.path.exists(run["out"]):
-        return "done"
-    if os.path.exists(run["checkpoint"]):
-        return "resume" if args.resume else "blocked"
-    return "new"
+    """The example's command line of one run: the cell's flags, the corruptions at severities 3 and 5."""
+    return example_command(run, args, run["cell"].flags(), "3,5")
 
 
 # the results ------------------------------------------------------------------------------

@@ -105,20 +105,28 @@ def plan(args):
     return runs
 
 
-def command(run, args):
-    """The example's command line of one run (``--resume`` when its checkpoint exists and ``--resume`` was asked)."""
+def example_command(run, args, flags, severities):
+    """The example's command line for ``run`` (its seed, JSON and checkpoint) with the method's ``flags``:
+    the image folder, the corruptions at ``severities``, 10 MC draws; ``--resume`` when its checkpoint exists
+    and ``--resume`` was asked, and ``--stop-after`` when given."""
     cmd = [sys.executable, str(SCRIPT), "--dataset", "folder", "--data-dir", os.path.abspath(os.path.expanduser(args.data_dir)),
-           *METHODS[run["key"]][1], "--width", str(args.width),
-           "--epochs", str(args.finetune_epochs if "starts_from" in run else args.epochs), "--seed", str(run["seed"]),
-           "--shift", "all", "--shift-severities", args.shift_severities, "--shift-images", str(args.shift_images), "--mc-samples", "10", "--device", args.device, "--no-progress",
+           *flags, "--seed", str(run["seed"]), "--shift", "all", "--shift-severities", severities,
+           "--shift-images", str(args.shift_images), "--mc-samples", "10", "--device", args.device, "--no-progress",
            "--out", run["out"], "--checkpoint", run["checkpoint"]]
-    if "starts_from" in run:
-        cmd += ["--init-from", run["starts_from"]["checkpoint"]]
     if args.resume and os.path.exists(run["checkpoint"]):
         cmd.append("--resume")
     if args.stop_after is not None:
         cmd += ["--stop-after", str(args.stop_after)]
     return cmd
+
+
+def command(run, args):
+    """The example's command line of one run (:func:`example_command` with the method's flags)."""
+    flags = [*METHODS[run["key"]][1], "--width", str(args.width),
+             "--epochs", str(args.finetune_epochs if "starts_from" in run else args.epochs)]
+    if "starts_from" in run:
+        flags += ["--init-from", run["starts_from"]["checkpoint"]]
+    return example_command(run, args, flags, args.shift_severities)
 
 
 def status(run, args):
