@@ -259,7 +259,7 @@ def plot(records, args):
     if bars:
         axes[2].barh([b[0] for b in bars], [b[1] for b in bars])
     axes[2].axvline(-3, color="grey", ls="--", lw=1)
-    axes[2].set_xlabel("accuracy gap to dense VI (points), width 8, 5 epochs")
+    axes[2].set_xlabel("accuracy gap (points), width 8, 5 epochs")
     fig.suptitle("SSVI 0.1 against dense VI on CIFAR-10 (JPEG copy), ResNet-18", fontsize=10)
     fig.tight_layout()
     save_figure(fig, args, "cifar_gap")

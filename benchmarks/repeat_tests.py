@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
-from common import add_common_flags, environment, markdown_table, write_results  # noqa: E402
+from common import add_common_flags, markdown_table, write_results  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARKERS = ("terminate called", "SIGABRT", "core dumped", "FAILED", "ERROR ")
@@ -67,7 +67,7 @@ def main(argv=None):
                        [[r["run"], "pass" if r["passed"] else "FAIL", f"{r['seconds']:.0f}", "<br>".join(r["lines"][:3]) or "–"]
                         for r in rows]),
     ])
-    write_results("repeat_tests", md, {"tests": args.tests, "runs": rows, "passed": passed, "environment": environment()}, args)
+    write_results("repeat_tests", md, {"tests": args.tests, "runs": rows, "passed": passed}, args)
     print(f"{passed} of {args.runs} runs passed")
     if failures:
         raise RepeatFailure(f"{len(failures)} of {args.runs} runs failed (runs {', '.join(map(str, failures))})")

@@ -99,7 +99,8 @@ def test_exploration_benchmark(tmp_path):
     [("uci.py", "--splits=30"), ("digits.py", "--parts=xyz"), ("cost.py", "--models=vgg"), ("adam_reset.py", "--seeds=0"),
      ("exploration.py", "--steps=0"), ("particles.py", "--archs=vgg"),
      ("distributed.py", "--procs=0"), ("sparse_kernels.py", "--densities=2"),
-     ("cost.py", "--baseline-ref=no-such-commit"), ("cost.py", "--block=0")],
+     ("cost.py", "--baseline-ref=no-such-commit"), ("cost.py", "--block=0"), ("repeat_tests.py", "--runs=0"),
+     ("cifar_gap.py", "--cells=nope")],
 )
 def test_bad_flags_are_one_line(script, flag):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True, timeout=120)
@@ -136,3 +137,18 @@ def test_sparse_kernels_benchmark(tmp_path):
     assert all(r["max_relative_error"] < 1e-5 for r in rows + convs)
     assert all(isinstance(r["auto_picks_sparse"], bool) for r in rows)
     assert "Crossover" in md and "Convolutions" in md
+
+
+def test_repeat_tests_counts_passing_and_failing_runs(tmp_path):
+    """benchmarks/repeat_tests.py: every run of a passing file passes; a failing one is counted, its lines shown, exit 1."""
+    passing, failing = tmp_path / "test_ok.py", tmp_path / "test_bad.py"
+    passing.write_text("def test_ok():\n    assert True\n")
+    failing.write_text("def test_bad():\n    assert False\n")
+    res = run("repeat_tests.py", "--runs", "2", str(passing), tmp_path=tmp_path / "ok")
+    assert "run 2/2: pass" in res.stdout and "2 of 2 runs passed" in res.stdout
+    payload = json.loads((tmp_path / "ok" / "repeat_tests.json").read_text())
+    assert payload["results"]["passed"] == 2 and [r["passed"] for r in payload["results"]["runs"]] == [True, True]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "repeat_tests.py"), "--results-dir", str(tmp_path / "bad"), "--runs", "2", str(failing)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and "2 of 2 runs failed" in res.stderr and res.stderr.count("\n") == 1
+    assert "FAILED" in res.stdout and "0 of 2 runs passed" in (tmp_path / "bad" / "repeat_tests.md").read_text()
