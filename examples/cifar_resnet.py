@@ -282,7 +282,8 @@ def load_checkpoint(path, args, device, flags=None):
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS) or not isinstance(ckpt["args"], dict):
         raise UsageError(f"--checkpoint {path}: not a checkpoint of examples/cifar_resnet.py (keys missing)")
     saved, current = ckpt["args"], vars(args)
-    for flag in RUN_FLAGS if flags is None else flags:
+    # --deterministic first: it decides what --density means, so a mismatch there is the one to name
+    for flag in sorted(RUN_FLAGS if flags is None else flags, key=lambda f: f != "deterministic"):
         # a flag newer than the checkpoint had its default value there
         if saved.get(flag, RUN_DEFAULTS[flag]) != current[flag]:
             raise UsageError(

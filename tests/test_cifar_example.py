@@ -332,8 +332,12 @@ def test_help_shows_every_flag_with_a_default(cifar):
     assert all(a.help for a in options), [a.dest for a in options if not a.help]
     text = " ".join(parser.format_help().split())  # undo line wrapping
     assert text.count("(default:") == len(options)
-    for shown in ("(default: 200)", "(default: snr_abs)", "(default: 0.1)", "(default: 0.0)"):
+    for shown in ("(default: 200)", "(default: snr_abs)", "(default: 0.01)", "(default: 0.0)", "(default: uniform)"):
         assert shown in text
+    # --density has no single default: 0.1, and 1.0 (the plain network) with --deterministic
+    assert "Default: 0.1, and 1.0 (the plain network) with --deterministic" in text
+    assert cifar.parse_args(["--dataset", "synthetic"]).density == 0.1
+    assert cifar.parse_args(["--dataset", "synthetic", "--deterministic"]).density == 1.0
 
 
 def test_val_fraction_is_checked_against_the_loaded_images_before_the_model(tmp_path, cifar, no_md5, monkeypatch):
