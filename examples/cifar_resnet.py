@@ -711,6 +711,7 @@ class DeterministicRun:
 
     def __init__(self, args, net, total_steps, n_train, sample_batch, world=1):
         self.args, self.net, self.world = args, net, world
+        self.weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
         self.masks = None
         if args.density < 1:  # --deterministic --density D: the layers SSVI makes sparse, masked on SSVI's schedule
             dense = set(net.dense_sites) | (set(net.head_sites) if args.head_dense else set())
@@ -730,8 +731,12 @@ class DeterministicRun:
     @property
     def density(self):
         """Nonzero conv and linear weights over all of them (1 for the plain network)."""
-        weights = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        return 1.0 if self.masks is None else (weights - self.masks.dense_params + self.masks.active_params) / weights
+        return 1.0 if self.masks is None else self.active_weights / self.weights
+
+    @property
+    def active_weights(self):
+        """Conv and linear weights kept: every one outside the masks, the masks' own active entries."""
+        return self.weights if self.masks is None else self.weights - self.masks.dense_params + self.masks.active_params
 
     def step(self, xb, yb):
         """One SGD step: ``(loss, logits)``; a non-finite loss or gradient stops the run, with no parameter changed."""
@@ -796,7 +801,6 @@ class DeterministicRun:
         masked layer's scaled by its density, as the Bayesian runs count theirs)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        weights = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
         masked = {} if self.masks is None else {id(p): (self.masks.masks[n], p) for n, p in self.masks.params.items()}
         state = {id(p): [v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v)] for p in self.net.parameters()}
         nbytes = 0
@@ -823,11 +827,10 @@ class DeterministicRun:
                 h.remove()
             self.net.train(was_training)
         flops = counter.get_total_flops() - sum(f * (1 - masked[key][0].float().mean().item()) for key, f in layer_flops.items())
-        active = weights if self.masks is None else weights - self.masks.dense_params + self.masks.active_params
         return {
-            "density": active / weights,
-            "active_params": active,
-            "dense_params": weights,
+            "density": self.density,
+            "active_params": self.active_weights,
+            "dense_params": self.weights,
             "guide_bytes": nbytes,
             "train_flops_per_step": 3 * flops,
         }

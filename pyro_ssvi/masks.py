@@ -91,7 +91,7 @@ class SparseMasks:
             if grads.get(name) is None:
                 raise RuntimeError(f"parameter {name!r}: no gradient on update step {t}; gradient addition needs one")
             grad = grads[name].reshape(-1).abs()
-            decision = select_swap(index, p.reshape(-1)[index].abs(), n, p.numel(), lambda cand: grad.clone())
+            decision = select_swap(index, p.reshape(-1)[index].abs(), n, p.numel(), lambda cand: grad)
             leaving = decision.removed[~torch.isin(decision.removed, decision.added)]
             changed = torch.cat([leaving, decision.new_index])
             mask[leaving] = False
