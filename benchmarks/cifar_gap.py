@@ -45,7 +45,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pyro_ssvi.scripts.cli import ArgumentParser, run_main  # noqa: E402
-from cifar_real import BenchmarkError, UsageError, example_command, metric, run_logged, shift_means, status  # noqa: E402
+from cifar_real import (  # noqa: E402
+    BenchmarkError, UsageError, check_data_dir, example_command, metric, run_logged, shift_means, status)
 from common import add_common_flags, markdown_table, mean_std, pyplot, save_figure, write_results  # noqa: E402
 
 METHODS = ("deterministic", "deterministic sparse", "dense VI", "SSVI")
@@ -328,10 +329,7 @@ def parse_args(argv):
     args.runs_dir = os.path.abspath(os.path.expanduser(args.runs_dir))
     args.checkpoint_dir = os.path.abspath(os.path.expanduser(args.checkpoint_dir or default_checkpoint_dir()))
     if not (args.dry_run or args.report):
-        data = os.path.expanduser(args.data_dir)
-        if not (os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "test"))):
-            p.error(f"--data-dir {args.data_dir}: no train/ and test/ folders there; unpack ../shared/data/cifar10/cifar10-jpeg.tar.gz "
-                    "outside the repository (e.g. tar -xzf ... -C ~/.cache/cifar10-jpeg) and pass that folder")
+        check_data_dir(p, args.data_dir)
         os.makedirs(args.runs_dir, exist_ok=True)
         os.makedirs(args.checkpoint_dir, exist_ok=True)
     return args

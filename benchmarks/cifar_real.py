@@ -290,6 +290,14 @@ def report(runs, args):
 
 
 # command line -----------------------------------------------------------------------------
+def check_data_dir(p, data_dir):
+    """A one-line error (exit 2, through the parser ``p``) unless ``data_dir`` holds the unpacked image folder."""
+    data = os.path.expanduser(data_dir)
+    if not (os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "test"))):
+        p.error(f"--data-dir {data_dir}: no train/ and test/ folders there; unpack ../shared/data/cifar10/cifar10-jpeg.tar.gz "
+                "outside the repository (e.g. tar -xzf ... -C ~/.cache/cifar10-jpeg) and pass that folder")
+
+
 def parse_args(argv):
     p = ArgumentParser(description="The CIFAR example on the real CIFAR-10 JPEG images: deterministic, dense VI, SSVI 0.1, SSVI 0.05.")
     p.add_argument("--data-dir", default="~/.cache/cifar10-jpeg", help="the unpacked image folder (train/<class>, test/<class>), outside the repository")
@@ -320,10 +328,7 @@ def parse_args(argv):
             p.error(f"--{flag.replace('_', '-')} must be positive, got {v}")
     args.runs_dir = os.path.abspath(os.path.expanduser(args.runs_dir or default_runs_dir()))
     if not args.dry_run:
-        data = os.path.expanduser(args.data_dir)
-        if not (os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "test"))):
-            p.error(f"--data-dir {args.data_dir}: no train/ and test/ folders there; unpack ../shared/data/cifar10/cifar10-jpeg.tar.gz "
-                    "outside the repository (e.g. tar -xzf ... -C ~/.cache/cifar10-jpeg) and pass that folder")
+        check_data_dir(p, args.data_dir)
         os.makedirs(args.runs_dir, exist_ok=True)
     return args
 
