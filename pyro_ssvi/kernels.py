@@ -236,10 +236,9 @@ class LinearPattern:
         key = (x2d.shape[0] if conv is None else conv, x2d.dtype, x2d.device, torch.is_grad_enabled() and x2d.requires_grad, value_grad)
         decision = self.decisions.get(key)
         if decision is None:
-            measured = [k for k, d in self.decisions.items() if is_measured(d) and k[1:3] == key[1:3]]
             if conv is not None and self.conv_macs(conv) < MIN_CONV_MACS:
                 decision = {"sparse": False, "dense_s": None, "sparse_s": None, "below_min_work": True}
-            elif measured:
+            elif measured := [k for k, d in self.decisions.items() if is_measured(d) and k[1:3] == key[1:3]]:
                 near = min(measured, key=lambda k: (abs(math.log(self.work(k[0]) / self.work(key[0]))), self.work(k[0])))
                 decision = {"sparse": self.decisions[near]["sparse"], "dense_s": None, "sparse_s": None,
                             "follows": _shape_fields(near[0])}
