@@ -41,34 +41,29 @@ from collections.abc import Mapping
 
 import pyro
 import torch
-from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide, AutoGuideList
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule
-from pyro.poutine.runtime import am_i_wrapped
+from pyro.ops.tensor_utils import periodic_repeat
 
 from .allocation import ALLOCATIONS, active_counts
-from .distributions import SparseNormal, factorised_base
+from .dense_site import DenseSite, check_transformable, is_weight, to_support, why_dense
+from .distributions import SparseNormal
 from .kernels import KernelSelector, parse_decision_table
 from .site import SiteInfo, SparseSite, scale_bijection
 
 
 def init_to_normal(site=None, std=0.01):
-    """Initialise each site's mean at ``N(0, std^2)`` (the reference recipe: std 0.01)."""
+    """Initialise each weight's mean at ``N(0, std^2)`` (the reference recipe: std 0.01), and every other site
+    (:func:`~pyro_ssvi.dense_site.is_weight`: a scalar latent, a constrained support, a prior that couples its
+    coordinates, a latent of a subsampled plate) where ``AutoNormal`` starts it: Pyro's ``init_to_feasible``."""
     if site is None:
         return functools.partial(init_to_normal, std=std)
-    if not _is_real(site["fn"].support):  # not ours to fit; a feasible value lets set-up reach the check
+    if not is_weight(site):
         return init_to_feasible(site)
     proto = site["fn"].sample().detach()
     return torch.randn_like(proto) * std
-
-
-def _is_real(constraint):
-    # peel wrappers such as independent(...) and MixtureSameFamily's support constraint
-    while hasattr(constraint, "base_constraint"):
-        constraint = constraint.base_constraint
-    return type(constraint) is type(constraints.real)
 
 
 #: where each field of a :class:`~pyro_ssvi.site.SparseSite` is saved in ``state_dict()``:
@@ -83,7 +78,9 @@ def _to_saved_layout(guide, state_dict, prefix, local_metadata):
         return
     for field, container in STATE_LAYOUT:
         for name in guide._sites:
-            state_dict[f"{prefix}{container}.{name}"] = state_dict.pop(f"{prefix}sites.{name}.{field}")
+            key = f"{prefix}sites.{name}.{field}"
+            if key in state_dict:  # a dense site (pyro_ssvi.dense_site) has no index and no births
+                state_dict[f"{prefix}{container}.{name}"] = state_dict.pop(key)
 
 
 class SparseSubspaceGuide(AutoGuide):
@@ -102,11 +99,32 @@ class SparseSubspaceGuide(AutoGuide):
         (10, 10, 100)
         >>> pyro.clear_param_store()  # guides of one class share names in Pyro's param store
 
+    **Which sites are sparse.** A *weight*: a real-valued site whose prior is factorised over its
+    coordinates (``Normal(0, 1).expand(shape).to_event(n)``, Laplace, StudentT, scale mixtures),
+    outside any subsampled plate. Every other continuous site is kept dense inside this guide with
+    ``AutoNormal``'s parametrisation (:mod:`pyro_ssvi.dense_site`: a mean-field Normal in the
+    unconstrained space of ``biject_to(support)``): a constrained support (a noise scale
+    ``sigma ~ Uniform(0, 10)``, a hierarchical prior's ``tau ~ HalfNormal``, a ``Dirichlet``), a prior
+    that couples coordinates (``MultivariateNormal``), a latent of a subsampled plate.
+    :meth:`summary` says which sites are dense and why; subspace updates touch the sparse sites only.
+    Discrete sites are refused (enumerate them, or give them their own guide in an ``AutoGuideList``).
+
+        >>> def regression(x, y=None):  # Pyro's Bayesian regression tutorial, with its noise scale
+        ...     w = pyro.sample("w", dist.Normal(0., 1.).expand([20]).to_event(1))
+        ...     sigma = pyro.sample("sigma", dist.Uniform(0., 10.))
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("obs", dist.Normal(x @ w, sigma), obs=y)
+        >>> guide = SparseSubspaceGuide(regression, density=0.5)
+        >>> _ = guide(torch.randn(8, 20), torch.randn(8))
+        >>> {n: (v["active"], v["dense"]) for n, v in guide.summary().items()}
+        {'w': (10, None), 'sigma': (1, 'support Interval(lower_bound=0.0, upper_bound=10.0) is not real')}
+        >>> pyro.clear_param_store()
+
     :param callable model: a Pyro model (typically a ``PyroModule`` BNN with
-        ``PyroSample`` priors). Every latent site must be real-valued, with its own dims as event
-        dims (write priors as ``Normal(0, 1).expand(shape).to_event(n)``) and batch dims only from
-        enclosing ``pyro.plate`` s that are not subsampled (plate-local latents, e.g. per-task
-        weights: the whole ``plate batch + event`` shape is then the site's coordinate set).
+        ``PyroSample`` priors). A weight's own dims must be event dims (write priors as
+        ``Normal(0, 1).expand(shape).to_event(n)``); batch dims come only from enclosing
+        ``pyro.plate`` s (plate-local latents, e.g. per-task weights: the whole ``plate batch + event``
+        shape is then the site's coordinate set).
     :param density: fraction of each site's coordinates that are random variables:
         a float in ``(0, 1]`` for every site, or a mapping ``site name -> density``
         (sites it does not name are dense, density 1).
@@ -119,15 +137,20 @@ class SparseSubspaceGuide(AutoGuide):
     :param dense_sites: names of sites kept dense (density 1, still mean-field Normal),
         e.g. the first convolution in the reference recipe.
     :param callable init_loc_fn: a Pyro init function ``site -> value``; the value is
-        read at the active coordinates once and discarded. Default: ``N(0, 0.01^2)``.
+        read at the active coordinates once and discarded. Default (:func:`init_to_normal`): the
+        weights at ``N(0, 0.01^2)`` (the recipe), every other site where ``AutoNormal`` starts it
+        (``init_to_feasible``). A function passed here starts every site.
     :param str init_subspace: how each sparse site's initial active set is chosen: ``"random"``
         (default, the reference recipe: ``k`` entries uniformly at random) or ``"magnitude"``: the
         ``k`` entries of largest ``|value|`` of the site's initial value (what ``init_loc_fn``
         returns; ties go to the lower flat position). With Pyro's ``init_to_value(values=...)`` of a
         trained network (:func:`pyro_ssvi.pretrained_values`) the sparse posterior then starts on the
         network's largest weights, at their values, and training becomes fine-tuning.
-    :param init_scale: initial standard deviation: a float, or a pair ``(mean, std)`` for
+    :param init_scale: initial standard deviation of the weights (:func:`~pyro_ssvi.dense_site.is_weight`:
+        sites that can be sparse and have event dims): a float, or a pair ``(mean, std)`` for
         ``|N(mean, std^2)|`` draws (the reference code's ``(6e-4, 5e-4)``, the default).
+    :param float dense_init_scale: initial standard deviation of every other site (scalar latents, and, in
+        their unconstrained space, the sites that cannot be sparse); ``AutoNormal``'s default, 0.1.
     :param callable create_plates: as for Pyro's autoguides, a function of the model's arguments
         returning the ``pyro.plate`` (or plates) the guide creates before sampling, e.g. with the
         minibatch's ``subsample`` indices, so that the model's subsampled plate uses them.
@@ -154,6 +177,7 @@ class SparseSubspaceGuide(AutoGuide):
         dense_sites=(),
         init_loc_fn=init_to_normal,
         init_scale=(6e-4, 5e-4),
+        dense_init_scale=0.1,
         scale_transform="softplus",
         sparse_kernels="auto",
         init_subspace="random",
@@ -172,6 +196,9 @@ class SparseSubspaceGuide(AutoGuide):
             raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
         self._dense_sites = frozenset(dense_sites)
         self._init_scale = self._check_init_scale(init_scale)
+        if not (isinstance(dense_init_scale, (int, float)) and not isinstance(dense_init_scale, bool) and 0 < dense_init_scale < float("inf")):
+            raise ValueError(f"dense_init_scale: expected a positive float, got {dense_init_scale!r}")
+        self._dense_init_scale = float(dense_init_scale)
         if init_subspace not in ("random", "magnitude"):
             raise ValueError(f"init_subspace: expected 'random' or 'magnitude', got {init_subspace!r}")
         self.init_subspace = init_subspace
@@ -257,28 +284,28 @@ class SparseSubspaceGuide(AutoGuide):
         sites = OrderedDict()
         self.sites = PyroModule()  # sites.<site name>: a SparseSite, nested by the dots of the name as in AutoNormal
         nodes = list(self.prototype_trace.iter_stochastic_nodes())
+        reasons = {}
         for name, site in nodes:
-            if not _is_real(site["fn"].support):
-                raise ValueError(_unsupported_support_message(name, site["fn"].support))
-        counts = self._active_counts({name: site["fn"].batch_shape + site["fn"].event_shape for name, site in nodes})
+            check_transformable(name, site["fn"].support)  # or ValueError: discrete and spherical sites
+            reasons[name] = self._dense_reason(name, why_dense(site))
+        counts = self._active_counts({name: site["fn"].batch_shape + site["fn"].event_shape for name, site in nodes
+                                      if reasons[name] is None})
         for name, site in nodes:
+            if reasons[name] is not None:
+                sites[name] = self._dense_site(name, site, reasons[name])
+                deep_setattr(self.sites, name, sites[name])
+                continue
             fn = site["fn"]
             frames = ()
             if fn.batch_shape != torch.Size():
-                frames = _plate_local_frames(name, site)  # or ValueError: dims outside plates, subsampled plates
+                frames = _plate_local_frames(name, site)  # or ValueError: dims outside plates
             shape = fn.batch_shape + fn.event_shape
             numel, k = shape.numel(), counts[name]
-            if k < numel and factorised_base(fn) is None:
-                raise ValueError(
-                    f"site {name!r}: prior {type(fn).__name__} is not factorised over coordinates; a sparse "
-                    "site needs independent scalar priors (e.g. Normal(0, 1).expand(shape).to_event(n)); "
-                    "list the site in dense_sites to keep it dense"
-                )
             value = site["value"].detach()
             info = SiteInfo(shape, numel, k, fn.batch_shape)
             index = None if info.full else self._initial_subspace(value, k).sort().values
             loc = value.reshape(-1) if info.full else value.reshape(-1)[index]
-            scale = self._draw_scale(k, value)
+            scale = self._draw_scale(k, value) if is_weight(site) else torch.full((k,), self._dense_init_scale, dtype=value.dtype, device=value.device)
             if self._relative_init_scale is not None:
                 relative = (self._relative_init_scale * loc.abs()).clamp_min(1e-8)
                 scale = torch.where(loc != 0, relative, scale)
@@ -294,6 +321,32 @@ class SparseSubspaceGuide(AutoGuide):
         self._sites = sites
         # Drop the prototype trace: it holds a dense copy of every weight.
         self.prototype_trace = None
+
+    def _dense_reason(self, name, reason):
+        """``reason`` (why the site cannot be sparse, or ``None``), after refusing a mapping that asks it to be sparse."""
+        if reason is not None and isinstance(self._density, dict) and self._density.get(name, 1.0) < 1.0:
+            raise ValueError(f"density: site {name!r} cannot be sparse ({reason}); it is kept dense with AutoNormal's "
+                             f"parametrisation: leave it out of the mapping or give it density 1")
+        return reason
+
+    def _dense_site(self, name, site, reason):
+        """A :class:`~pyro_ssvi.dense_site.DenseSite` starting at the site's initial value, in the unconstrained
+        space, at the full size of every subsampled plate (the minibatch's value repeated, as ``AutoNormal``)."""
+        fn = site["fn"]
+        frames = _plate_local_frames(name, site, subsampled=True) if fn.batch_shape != torch.Size() else ()
+        value = site["value"].detach()
+        u = to_support(fn.support).inv(value)
+        u_event_dim = fn.event_dim + u.dim() - value.dim()
+        batch = list(fn.batch_shape)
+        for f in site["cond_indep_stack"]:
+            full = f.full_size if f.full_size is not None else f.size
+            if f.vectorized and full != f.size:
+                u = periodic_repeat(u, full, f.dim - u_event_dim).contiguous()
+                batch[f.dim] = full
+        shape = torch.Size(batch) + fn.event_shape
+        info = SiteInfo(shape, shape.numel(), shape.numel(), torch.Size(batch))
+        rho = scale_bijection(self.scale_transform).inv(torch.full_like(u, self._dense_init_scale))
+        return DenseSite(name, info, fn.support, fn.event_dim, u.clone(), rho, reason, frames, self.scale_transform)
 
     def _initial_subspace(self, value, k):
         """Flat positions of a site's ``k`` initial active entries (see ``init_subspace``)."""
@@ -432,8 +485,12 @@ class SparseSubspaceGuide(AutoGuide):
         return self.transform_scale(self.unconstrained_scale(name))
 
     def get_posterior(self, name):
-        """The site's :class:`~pyro_ssvi.distributions.SparseNormal`."""
-        info = self.site_info(name)
+        """The site's :class:`~pyro_ssvi.distributions.SparseNormal`; for a dense site of ``AutoNormal``'s kind
+        (:mod:`pyro_ssvi.dense_site`) the Normal in its unconstrained space pushed through ``biject_to(support)``."""
+        site = self._site(name)
+        if isinstance(site, DenseSite):
+            return site.posterior()
+        info = site.info
         index = None if info.full else self.active_index(name)
         return SparseNormal(self.loc(name), self.scale(name), index, info.shape, pattern=self.kernel_pattern(name),
                             event_dim=len(info.event_shape))
@@ -486,29 +543,23 @@ class SparseSubspaceGuide(AutoGuide):
         """Sample every latent site; returns ``{site name: sample}``.
 
         A sample is the site's dense tensor, or for a 2-d site on sparse kernels a
-        :class:`~pyro_ssvi.kernels.SparseWeight` that behaves as that dense tensor."""
-        if torch.jit.is_tracing() and am_i_wrapped():
-            raise NotImplementedError(
-                "SparseSubspaceGuide under a JIT ELBO (JitTrace_ELBO, JitTraceMeanField_ELBO, ...): the compiled "
-                "loss does not reproduce the non-JIT scale gradients of this guide, so it is refused; use the "
-                "non-JIT ELBO of the same name (tracing guide.call() alone with torch.jit.trace_module works)"
-            )
+        :class:`~pyro_ssvi.kernels.SparseWeight` that behaves as that dense tensor. Under ``torch.jit``
+        tracing (a JIT ELBO, a traced ``Predictive``) every site runs dense, and the trace holds the
+        active sets as constants: a JIT ELBO is right for plain ``SVI`` (no subspace updates), and
+        :class:`~pyro_ssvi.SSVI` refuses it."""
         if self._sites is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)  # create_plates: the guide draws the plates' subsamples, as AutoNormal
         result = {}
         for name, site in self._sites.items():
-            frames = site.frames
-            if not frames:
-                result[name] = pyro.sample(name, self.get_posterior(name))
-                continue
+            dense = isinstance(site, DenseSite)
             with contextlib.ExitStack() as stack:  # a plate-local site is drawn inside its plates, as in the model
-                for frame in frames:
+                for frame in site.frames:
                     plate = plates[frame]
-                    if plate.subsample_size != plate.size:
+                    if plate.subsample_size != plate.size and not dense:
                         raise ValueError(_subsampled_message(name, frame, plate.subsample_size, plate.size))
                     stack.enter_context(plate)
-                result[name] = pyro.sample(name, self.get_posterior(name))
+                result[name] = site.sample() if dense else pyro.sample(name, self.get_posterior(name))
         return result
 
     @torch.no_grad()
@@ -516,7 +567,8 @@ class SparseSubspaceGuide(AutoGuide):
         """Posterior median (= mean) of every site as a dense tensor, exact zeros off the active set
         (a plate-local site: its whole ``plate batch + event`` shape, as ``AutoNormal.median``)."""
         self._require_setup("median")
-        return {name: self.get_posterior(name).mean.detach().clone() for name in self._sites}
+        return {name: site.median() if isinstance(site, DenseSite) else self.get_posterior(name).mean.detach().clone()
+                for name, site in self._sites.items()}
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs):
@@ -526,30 +578,40 @@ class SparseSubspaceGuide(AutoGuide):
         """
         self._require_setup("quantiles")
         out = {}
-        for name in self._sites:
-            fn = self.get_posterior(name)
-            q = torch.as_tensor(quantiles, dtype=fn.loc.dtype, device=fn.loc.device).reshape(-1, 1)
+        for name, site in self._sites.items():
+            q = torch.as_tensor(quantiles, dtype=site.loc.dtype, device=site.loc.device).reshape(-1)
             if not ((q > 0) & (q < 1)).all():
                 raise ValueError(f"quantiles: expected values in (0, 1), got {quantiles!r}")
-            active = torch.distributions.Normal(fn.loc, fn.scale).icdf(q)
-            out[name] = self._sites[name].dense(active)
+            if isinstance(site, DenseSite):
+                out[name] = site.quantiles(q)
+                continue
+            fn = self.get_posterior(name)
+            out[name] = site.dense(torch.distributions.Normal(fn.loc, fn.scale).icdf(q.reshape(-1, 1)))
         return out
 
     # bookkeeping -----------------------------------------------------------------------
     def summary(self):
-        """Per-site active counts: ``{site: {"active", "numel", "density", "shape"}}``."""
+        """Per-site active counts: ``{site: {"active", "numel", "density", "shape", "dense"}}``; ``"dense"`` says why a
+        site keeps every coordinate (``None`` for a sparse site): ``"dense_sites"``, ``"density 1"``, or why it cannot
+        be sparse (:func:`~pyro_ssvi.dense_site.why_dense`: it then has ``AutoNormal``'s parametrisation)."""
         self._require_setup("summary")
-        return {
-            n: {"active": s.k, "numel": s.numel, "density": s.k / s.numel, "shape": tuple(s.shape)}
-            for n, s in ((n, site.info) for n, site in self._sites.items())
-        }
+        return {n: {"active": site.info.k, "numel": site.info.numel, "density": site.info.k / site.info.numel,
+                    "shape": tuple(site.info.shape), "dense": self._why_full(n, site)} for n, site in self._sites.items()}
+
+    def _why_full(self, name, site):
+        if isinstance(site, DenseSite):
+            return site.reason
+        if not site.info.full:
+            return None
+        return "dense_sites" if name in self._dense_sites else "density 1"
 
     def summary_table(self):
         """The :meth:`summary` as an aligned text table."""
-        rows = [(n, str(v["shape"]), str(v["active"]), str(v["numel"]), f"{v['density']:.4f}") for n, v in self.summary().items()]
-        rows.append(("total", "", str(self.active_params), str(self.dense_params), f"{self.active_params / self.dense_params:.4f}"))
-        head = ("site", "shape", "active", "numel", "density")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+        rows = [(n, str(v["shape"]), str(v["active"]), str(v["numel"]), f"{v['density']:.4f}", v["dense"] or "")
+                for n, v in self.summary().items()]
+        rows.append(("total", "", str(self.active_params), str(self.dense_params), f"{self.active_params / self.dense_params:.4f}", ""))
+        head = ("site", "shape", "active", "numel", "density", "dense because")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(6)]
         fmt = "  ".join("{:<%d}" % w for w in widths)
         return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
 
@@ -600,6 +662,8 @@ class SparseSubspaceGuide(AutoGuide):
             True
         """
         site = self._site(name)
+        if isinstance(site, DenseSite):
+            raise ValueError(f"site {name!r} is dense ({site.reason}): it has no active set to replace entries of")
         step = int(self.ssvi_step) + 1 if step is None else int(step)
         if not site.replace(positions, new_index, loc, unconstrained_scale, step):
             return None
@@ -680,38 +744,14 @@ class SparseSubspaceGuide(AutoGuide):
         return ""
 
 
-def _unsupported_support_message(name, support):
-    """Why a site with a non-real ``support`` cannot be sparse, and what works instead (as Pyro advises)."""
-    base = support
-    while hasattr(base, "base_constraint"):
-        base = base.base_constraint
-    head = f"site {name!r}: support {support} is not real; SparseSubspaceGuide only handles real-valued latent sites. "
-    if getattr(support, "is_discrete", False):
-        return head + (
-            "For a discrete latent, enumerate it out (pyro.infer.TraceEnum_ELBO with infer={'enumerate': 'parallel'}) and "
-            "hide it from the guide, or give it its own guide in an AutoGuideList, e.g. "
-            f"AutoDiscreteParallel or AutoDelta(poutine.block(model, expose=[{name!r}]))"
-        )
-    if type(base).__name__ == "_Sphere":
-        return head + (
-            "For a direction on the sphere, reparameterise it as Pyro advises: "
-            f"poutine.reparam(model, config={{{name!r}: ProjectedNormalReparam()}}) (pyro.infer.reparam), which "
-            "makes it a real-valued site this guide can fit"
-        )
-    return head + (
-        "For a constrained site such as a hierarchical prior's scale (tau ~ HalfCauchy), give it its own guide: "
-        "AutoGuideList with AutoNormal(poutine.block(model, hide=[weights])) and "
-        "SparseSubspaceGuide(poutine.block(model, expose=[weights]))"
-    )
-
-
-def _plate_local_frames(name, site):
+def _plate_local_frames(name, site, subsampled=False):
     r"""Names of the vectorised plates a site with a batch shape is local to, or ``ValueError``.
 
     Every batch dim of size above 1 must be the dim of an enclosing ``pyro.plate`` of that size
     (size-1 dims are broadcasting); the site's coordinate set is then ``batch + event`` shape.
     Refused: a batch shape outside any plate, dims that are no plate's (both: declare them as
-    event dims), and plates that are subsampled (:func:`_subsampled_message`).
+    event dims), and, unless ``subsampled`` (a dense site's plates), plates that are subsampled
+    (:func:`_subsampled_message`).
     """
     fn = site["fn"]
     frames = [f for f in site["cond_indep_stack"] if f.vectorized]
@@ -720,7 +760,7 @@ def _plate_local_frames(name, site):
         raise ValueError(_batch_shape_message(name, site))
     for f in frames:
         full = f.full_size if f.full_size is not None else f.size
-        if f.size != full:
+        if f.size != full and not subsampled:
             raise ValueError(_subsampled_message(name, f.name, f.size, full))
     by_dim = {f.dim: f for f in frames}
     for i in range(-len(batch), 0):
@@ -735,13 +775,12 @@ def _plate_local_frames(name, site):
 
 
 def _subsampled_message(name, plate, subsample_size, size):
-    """Why a latent local to a subsampled plate is refused, and what works instead."""
+    """Why a sparse latent met in a subsampled plate after a set-up on the full plate is refused, and what works."""
     return (
-        f"site {name!r}: it is local to the subsampled pyro.plate({plate!r}) (subsample_size {subsample_size} of "
-        f"{size}); SparseSubspaceGuide supports plate-local latents only in plates that are not subsampled. Drop "
-        f"subsample_size for that plate (subsample the data in a plate of its own), or give the site its own "
-        f"guide: AutoGuideList with AutoNormal(poutine.block(model, expose=[{name!r}])), which subsamples its "
-        f"parameters, and this guide on poutine.block(model, hide=[{name!r}])"
+        f"site {name!r}: it is local to pyro.plate({plate!r}), which this call subsamples (subsample_size "
+        f"{subsample_size} of {size}) but the guide's set-up call did not, so the site was made sparse; a sparse site "
+        f"needs its whole plate. Set the guide up with a subsampled call (guide.setup(*minibatch_args)): a latent of a "
+        f"subsampled plate is then kept dense with AutoNormal's parametrisation, subsampled as AutoNormal does"
     )
 
 

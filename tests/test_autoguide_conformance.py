@@ -110,13 +110,46 @@ def test_call_traces_under_torch_jit(density):
     assert not guide.kernel_report() or all(r.get("forced") for rows in guide.kernel_report().values() for r in rows)
 
 
-def test_a_jit_elbo_is_refused_at_the_first_step_with_the_reason():
-    model, guide = built(0.5)
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.JitTrace_ELBO())
+def jit_gradients(elbo, density, seeds):
+    """Loss and the guide's gradients (one vector) of ``elbo`` at each seed, on the suite's small BNN (built from
+    one seed, so that both ELBOs see the same guide)."""
+    pyro.set_rng_seed(0)
+    model = BNN(d_in=6, hidden=4, d_out=3)
+    guide = SparseSubspaceGuide(model, density=density, init_scale=0.2)
+    guide(*data())
+    out = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(NotImplementedError, match="JIT ELBO.*non-JIT ELBO"):
-            svi.step(*data())
+        warnings.simplefilter("ignore")  # the tracer's generic warnings
+        for seed in seeds:
+            pyro.set_rng_seed(seed)
+            loss = elbo.loss_and_grads(model, guide, *data())
+            out.append((loss, torch.cat([p.grad.reshape(-1).clone() for _, p in sorted(guide.named_parameters())])))
+            for p in guide.parameters():
+                p.grad = None
+    return out
+
+
+@DENSITIES
+def test_jit_trace_elbo_gives_the_loss_and_gradients_of_trace_elbo_under_the_same_noise(density):
+    pyro.clear_param_store()
+    eager = jit_gradients(Trace_ELBO(), density, range(4))
+    pyro.clear_param_store()
+    jit = jit_gradients(pyro.infer.JitTrace_ELBO(), density, range(4))
+    for (la, ga), (lb, gb) in list(zip(eager, jit))[1:]:  # the first JIT call traces: its draws come in another order
+        assert lb == pytest.approx(la, rel=1e-5) and torch.allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_trace_mean_field_elbo_gradients_agree_with_the_eager_ones_in_expectation():
+    """JitTraceMeanField_ELBO draws its noise in another order than the eager ELBO (AutoNormal's too), so its
+    gradients are compared as means over 200 seeds: every coordinate within 4.5 standard errors of the difference
+    (the largest of 36 |z| values of two unbiased estimators stays below 4.5 with probability > 0.9997), plus
+    float32 rounding (1e-5) for coordinates whose gradient does not depend on the noise (a dead unit's scale)."""
+    pyro.clear_param_store()
+    eager = torch.stack([g for _, g in jit_gradients(pyro.infer.TraceMeanField_ELBO(), 0.5, range(200))])
+    pyro.clear_param_store()
+    jit = torch.stack([g for _, g in jit_gradients(pyro.infer.JitTraceMeanField_ELBO(), 0.5, range(200))[1:]])
+    se = (eager.var(0) / len(eager) + jit.var(0) / len(jit)).sqrt()
+    assert ((eager.mean(0) - jit.mean(0)).abs() <= 4.5 * se + 1e-5).all()
 
 
 @DENSITIES
@@ -170,13 +203,15 @@ def test_a_plate_local_latent_is_fitted_over_its_whole_shape(kernels):
     assert guide.median()["w"].shape == (3, 4) and guide.quantiles([0.5])["w"].shape == (1, 3, 4)
 
 
-def test_a_latent_in_a_subsampled_plate_is_refused_naming_the_plate():
+def test_a_latent_in_a_subsampled_plate_is_kept_dense_naming_the_plate():
     def model():
         with pyro.plate("tasks", 3, subsample_size=2):
             pyro.sample("w", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
 
-    with pytest.raises(ValueError, match=r"site 'w'.*subsampled pyro\.plate\('tasks'\).*AutoGuideList"):
-        SparseSubspaceGuide(model, density=0.5)()
+    guide = SparseSubspaceGuide(model, density=0.5)
+    assert guide()["w"].shape == (2, 4)
+    assert guide.summary()["w"] == {"active": 12, "numel": 12, "density": 1.0, "shape": (3, 4),
+                                    "dense": "local to the subsampled pyro.plate('tasks')"}
 
 
 def test_a_batch_shape_outside_plates_gets_the_event_dim_advice():
@@ -188,19 +223,18 @@ def test_a_batch_shape_outside_plates_gets_the_event_dim_advice():
 
 
 @pytest.mark.parametrize(
-    "prior, advice",
+    "prior, message",
     [
-        (dist.Bernoulli(0.5), "enumerate.*TraceEnum_ELBO.*AutoGuideList"),
-        (dist.ProjectedNormal(torch.ones(3)), "ProjectedNormalReparam"),
-        (dist.HalfCauchy(1.0), "AutoGuideList with AutoNormal"),
+        (dist.Bernoulli(0.5), r"^Continuous inference cannot handle discrete sample site 'z'\. .*enumerate.*TraceEnum_ELBO.*AutoGuideList"),
+        (dist.ProjectedNormal(torch.ones(3)), r"^site 'z': support .* has no bijection from the reals.*ProjectedNormalReparam"),
     ],
-    ids=["discrete", "sphere", "positive"],
+    ids=["discrete", "sphere"],
 )
-def test_unsupported_supports_are_refused_with_advice_that_works(prior, advice):
+def test_supports_without_a_bijection_are_refused_with_advice_that_works(prior, message):
     def model():
         pyro.sample("z", prior)
 
-    with pytest.raises(ValueError, match=rf"site 'z'.*not real.*{advice}"):
+    with pytest.raises(ValueError, match=message):
         SparseSubspaceGuide(model, density=1.0, init_loc_fn=init_to_mean)()
 
 

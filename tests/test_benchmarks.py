@@ -152,3 +152,48 @@ def test_repeat_tests_counts_passing_and_failing_runs(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1 and "2 of 2 runs failed" in res.stderr and res.stderr.count("\n") == 1
     assert "FAILED" in res.stdout and "0 of 2 runs passed" in (tmp_path / "bad" / "repeat_tests.md").read_text()
+
+
+FAKE_PYRO_TESTS = '''
+import pyro, pyro.distributions as dist, pytest, torch
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from tests.common import marker
+
+
+@pytest.mark.parametrize("auto_class", [AutoDelta, AutoNormal])
+def test_scale_site(auto_class):
+    def model():
+        pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        pyro.sample("w", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+    assert marker and set(auto_class(model)()) == {"sigma", "w"}
+
+
+@pytest.mark.parametrize("auto_class", [AutoNormal])
+def test_discrete_site(auto_class):
+    def model():
+        pyro.sample("z", dist.Bernoulli(0.5))
+    auto_class(model)()
+'''
+
+
+def test_pyro_autoguide_tests_adds_our_guide_beside_autonormal_and_classifies_the_failures(tmp_path):
+    fake = tmp_path / "pyro" / "tests"
+    (fake / "infer").mkdir(parents=True)
+    (fake / "common.py").write_text("marker = True\n")
+    (fake / "infer" / "test_autoguide.py").write_text(FAKE_PYRO_TESTS)
+    run("pyro_autoguide_tests.py", "--pyro-tests", str(fake), "--densities", "1,0.5", tmp_path=tmp_path)
+    payload = json.loads((tmp_path / "pyro_autoguide_tests.json").read_text())["results"]
+    assert payload["lists"] == 2
+    assert payload["per_density"] == {"1": {"cases": 2, "passed": 1, "skipped or xfail": 0},
+                                      "0.5": {"cases": 2, "passed": 1, "skipped or xfail": 0}}
+    assert payload["causes"] == {"discrete site refused (Pyro's wording)": 2}  # AutoNormal refuses it too
+    cases = {c["test"]: c for c in payload["cases"]}
+    assert cases["test_discrete_site[SparseSubspaceGuide_d05]"]["autonormal"] == "failed"
+    assert cases["test_scale_site[SparseSubspaceGuide_d1]"]["outcome"] == "passed"
+    assert "| test_scale_site[SparseSubspaceGuide_d05] | passed | passed |" in (tmp_path / "pyro_autoguide_tests.md").read_text()
+
+
+def test_pyro_autoguide_tests_without_the_tests_folder_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pyro_autoguide_tests.py"), "--pyro-tests", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--pyro-tests" in res.stderr and "Traceback" not in res.stderr

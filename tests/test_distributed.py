@@ -41,9 +41,13 @@ def train(rank, world, case):
             self.fc1.weight = PyroSample(pdist.Normal(0.0, 1.0).expand([16, 8]).to_event(2))
             self.fc2 = PyroModule[torch.nn.Linear](16, 3)
             self.fc2.weight = PyroSample(pdist.Normal(0.0, 1.0).expand([3, 16]).to_event(2))
+            if case == "dense_site":  # a positive temperature: a dense site of AutoNormal's kind beside the weights
+                self.temp = PyroSample(pdist.LogNormal(0.0, 0.5))
 
         def forward(self, x, y=None):
             logits = self.fc2(torch.relu(self.fc1(x)))
+            if case == "dense_site":
+                logits = logits / self.temp
             with pyro.plate("data", 64, subsample=torch.arange(x.shape[0])):
                 pyro.sample("obs", pdist.Categorical(logits=logits), obs=y)
             return logits
@@ -121,11 +125,12 @@ def run(tmp_path, case):
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 
-@pytest.mark.parametrize("case", ["pyro_optim", "torch_optim", "ddp", "random", "trajectory"])
+@pytest.mark.parametrize("case", ["pyro_optim", "torch_optim", "ddp", "random", "trajectory", "dense_site"])
 def test_ranks_keep_identical_guides_through_updates(tmp_path, case):
     results, errors = run(tmp_path, case)
     assert not errors, errors
     a, b = results[0], results[1]
+    assert ("locs.temp" in a["state"]) == (case == "dense_site")
     assert [h["step"] for h in a["history"]] == [3, 6, 9]
     assert sum(sum(h["swapped"].values()) for h in a["history"]) > 0
     assert a["state"].keys() == b["state"].keys()

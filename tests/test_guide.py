@@ -39,7 +39,7 @@ def test_is_an_autoguide_with_compact_storage():
     assert guide.prototype_trace is None
     assert guide.active_params == 740 and guide.dense_params == 7400
     assert "fc1.weight" in guide.summary_table()
-    assert guide.summary()["fc2.weight"] == {"active": 100, "numel": 1000, "density": 0.1, "shape": (10, 100)}
+    assert guide.summary()["fc2.weight"] == {"active": 100, "numel": 1000, "density": 0.1, "shape": (10, 100), "dense": None}
 
 
 def test_initial_active_sets_are_random_per_site():
@@ -153,22 +153,24 @@ def test_model_without_latent_sites():
         SparseSubspaceGuide(model)(torch.zeros(()))
 
 
-def test_site_with_non_real_support():
+def test_a_site_with_a_constrained_support_is_dense_and_stays_in_its_support():
     def model():
         pyro.sample("rate", dist.Gamma(2.0, 2.0).expand([5]).to_event(1))
 
-    with pytest.raises(ValueError, match="'rate'.*not real"):
-        SparseSubspaceGuide(model)()
+    guide = SparseSubspaceGuide(model)
+    assert (guide()["rate"] > 0).all()
+    assert guide.summary()["rate"]["dense"] == "support IndependentConstraint(GreaterThanEq(lower_bound=0.0), 1) is not real"
+    assert guide.sparse_site_names() == () and guide.active_params == 5
 
 
-def test_non_factorised_prior_on_a_sparse_site():
+def test_a_non_factorised_prior_is_dense_and_a_mapping_cannot_make_it_sparse():
     def model():
         pyro.sample("w", dist.MultivariateNormal(torch.zeros(10), torch.eye(10)))
 
-    with pytest.raises(ValueError, match="'w'.*not factorised"):
-        SparseSubspaceGuide(model, density=0.5)()
-    guide = SparseSubspaceGuide(model, density=0.5, dense_sites=["w"])  # fine when dense
-    assert guide()["w"].shape == (10,)
+    guide = SparseSubspaceGuide(model, density=0.5)
+    assert guide()["w"].shape == (10,) and guide.summary()["w"]["dense"] == "prior MultivariateNormal is not factorised over coordinates"
+    with pytest.raises(ValueError, match=r"density: site 'w' cannot be sparse \(prior MultivariateNormal is not factorised.*density 1"):
+        SparseSubspaceGuide(model, density={"w": 0.5})()
 
 
 def test_site_with_batch_shape_asks_for_to_event():

@@ -1,5 +1,7 @@
 """SSVI with AutoGuideList: several sparse parts next to other autoguides, hierarchical priors."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -108,12 +110,15 @@ def test_guide_list_without_a_sparse_part_is_refused():
         SSVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO(), total_steps=10)
 
 
-def test_sparse_guide_alone_refuses_a_scale_site_and_points_to_guide_lists():
+def test_sparse_guide_alone_keeps_the_scale_site_dense_and_trains():
     model = Hier()
     guide = SparseSubspaceGuide(model, density=0.5)
     x, y = data()
-    with pytest.raises(ValueError, match=r"site 'tau': support .* is not real.*AutoGuideList"):
-        guide(x, y)
+    guide(x, y)
+    assert guide.summary()["tau"]["dense"].startswith("support") and "tau" not in guide.sparse_site_names()
+    svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO(), total_steps=8, update_every=2)
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(8)) and [h["step"] for h in svi.history] == [2, 4]
+    assert all(set(h["scheduled"]) == set(guide.sparse_site_names()) for h in svi.history)  # updates touch sparse sites only
 
 
 @pytest.mark.parametrize("elbo", ["JitTrace_ELBO", "JitTraceMeanField_ELBO"])

@@ -378,13 +378,25 @@ def subsampled_model(x, y=None):
         return pyro.sample("y", dist.Normal(mean_of(w, b, x[idx]), 1.0).to_event(2), obs=None if y is None else y[idx])
 
 
-def test_a_latent_in_a_subsampled_plate_is_refused_with_what_works():
-    with pytest.raises(ValueError, match=r"site 'w'.*subsampled pyro\.plate\('tasks'\) \(subsample_size 2 of 3\).*not "
-                                         r"subsampled.*AutoGuideList with AutoNormal\(poutine\.block\(model, expose=\['w'\]\)\)"):
-        SparseSubspaceGuide(subsampled_model, density=0.5).setup(*data())  # at set-up, before any call
+def test_a_latent_in_a_subsampled_plate_is_dense_and_uses_the_minibatch_rows_as_autonormal_does():
+    x, y = data()
+    rows = torch.tensor([0, 2])
+    guide = SparseSubspaceGuide(subsampled_model, density=0.5,
+                                create_plates=lambda x, y=None: pyro.plate("tasks", T, subsample=rows))
+    guide.setup(x, y)
+    assert guide.summary()["w"]["dense"] == "local to the subsampled pyro.plate('tasks')"
+    assert guide.summary()["b"]["dense"] is None and guide.site_info("b").k == 1  # the global weight stays sparse
+    assert guide.loc("w").shape == (T, H, D)  # the whole plate, as AutoNormal's locs
+    trace = pyro.poutine.trace(guide).get_trace(x, y)
+    assert torch.equal(trace.nodes["w_unconstrained"]["fn"].base_dist.loc, guide.loc("w")[rows])
+    assert trace.nodes["w"]["value"].shape == (2, H, D)
+    loss = Trace_ELBO().differentiable_loss(subsampled_model, guide, x, y)
+    loss.backward()
+    grad = guide.loc("w").grad
+    assert grad[rows].abs().sum() > 0 and torch.equal(grad[1], torch.zeros(H, D))  # row 1 is not in the minibatch
 
 
-def test_the_subsampled_plate_advice_trains():
+def test_a_guide_list_with_autonormal_for_the_subsampled_latent_trains():
     x, y = data()
     guide = AutoGuideList(subsampled_model)
     guide.append(AutoNormal(poutine.block(subsampled_model, expose=["w"])))
@@ -401,7 +413,8 @@ def test_a_subsampled_plate_from_create_plates_is_refused_at_the_call():
     x, y = data()
     guide = SparseSubspaceGuide(task_model, density=0.5,
                                 create_plates=lambda x, y=None: pyro.plate("tasks", T, subsample_size=2))
-    with pytest.raises(ValueError, match=r"site 'w'.*subsampled pyro\.plate\('tasks'\) \(subsample_size 2 of 3\)"):
+    with pytest.raises(ValueError, match=r"site 'w'.*pyro\.plate\('tasks'\), which this call subsamples \(subsample_size 2 "
+                                         r"of 3\) but the guide's set-up call did not.*guide\.setup"):
         guide(x, y)
 
 
