@@ -55,6 +55,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import direct_conv
+
 #: the sparse kernel is chosen only when it measures faster than this fraction of the dense time
 SPARSE_MARGIN = 0.9
 
@@ -181,6 +183,13 @@ class LinearPattern:
     def from_row_major(self, values):
         """Per-entry ``values`` in ``W``'s CSR order back in storage order."""
         return values if self.sorted else values.index_select(0, self.inverse)
+
+    def cached(self, key, build):
+        """``build()``, computed once per pattern and ``key`` (structures other kernels derive from this one;
+        dropped with the pattern when its active set changes)."""
+        if key not in self._structures:
+            self._structures[key] = build()
+        return self._structures[key]
 
     def structure(self, like):
         """``W``'s CSR structure with placeholder values of ``like``'s dtype and device (cached), for
@@ -380,7 +389,8 @@ def sparse_conv2d(input, values, pattern, bias=None, stride=1, padding=0, dilati
     with ``W`` the ``(out, C k_h k_w)`` CSR matrix of the active values. Differentiable in ``input``,
     ``values`` and ``bias``; the backward pass forms neither a dense weight nor a dense weight gradient
     (the value gradient is ``g X^T`` at the active positions only), at the price of the columns ``X``
-    (``k_h k_w`` times the input) kept for it.
+    (``k_h k_w`` times the input) kept for it. With numba installed, float32 and float64 CPU calls run
+    the direct kernels of :mod:`pyro_ssvi.direct_conv` instead (the same products, no columns).
 
         >>> pattern = LinearPattern(torch.tensor([0, 4, 13]), (2, 1, 3, 3))
         >>> v, x = torch.tensor([1., 2., 3.]), torch.randn(2, 1, 5, 5)
@@ -395,6 +405,9 @@ def sparse_conv2d(input, values, pattern, bias=None, stride=1, padding=0, dilati
 
 
 def _sparse_conv2d(x, values, pattern, bias, call):
+    if direct_conv.applies(x, values):  # compiled direct kernels (numba), no im2col
+        y = direct_conv.conv2d(x, values, pattern, call)
+        return y if bias is None else y + bias.view(-1, 1, 1)
     yt = _conv2d_t(x, values, pattern, call)
     if bias is not None:
         yt = yt + bias.view(-1, 1, 1, 1)
