@@ -142,6 +142,60 @@ if numba is not None:
                         acc += g[n, o, h, w] * x[n, i, ih, w * sw + ow_b]
             gv[e] = acc
 
+    @njit(parallel=True, cache=True)
+    def _forward_moments(x, m, s2, row_ptr, ent_i, ent_a, ent_b, y_m, y_v, sh, sw, ph, pw, dh, dw):
+        n_img, _, height, width = x.shape
+        out_c, out_h, out_w = y_m.shape[1], y_m.shape[2], y_m.shape[3]
+        for task in prange(n_img * out_c):
+            n, o = task // out_c, task % out_c
+            for e in range(row_ptr[o], row_ptr[o + 1]):
+                mean, var, i = m[e], s2[e], ent_i[e]
+                oh_a, ow_b = ent_a[e] * dh - ph, ent_b[e] * dw - pw
+                h0, h1 = _span(oh_a, sh, height, out_h)
+                w0, w1 = _span(ow_b, sw, width, out_w)
+                for h in range(h0, h1):
+                    ih = h * sh + oh_a
+                    for w in range(w0, w1):
+                        xv = x[n, i, ih, w * sw + ow_b]
+                        y_m[n, o, h, w] += mean * xv
+                        y_v[n, o, h, w] += var * xv * xv
+
+    @njit(parallel=True, cache=True)
+    def _input_grad_moments(g_m, g_v, x, m, s2, chan_ptr, t_o, t_a, t_b, t_rm, gx, sh, sw, ph, pw, dh, dw):
+        n_img, in_c, height, width = gx.shape
+        out_h, out_w = g_m.shape[2], g_m.shape[3]
+        for task in prange(n_img * in_c):
+            n, i = task // in_c, task % in_c
+            for t in range(chan_ptr[i], chan_ptr[i + 1]):
+                mean, var2, o = m[t_rm[t]], 2.0 * s2[t_rm[t]], t_o[t]
+                oh_a, ow_b = t_a[t] * dh - ph, t_b[t] * dw - pw
+                h0, h1 = _span(oh_a, sh, height, out_h)
+                w0, w1 = _span(ow_b, sw, width, out_w)
+                for h in range(h0, h1):
+                    ih = h * sh + oh_a
+                    for w in range(w0, w1):
+                        iw = w * sw + ow_b
+                        gx[n, i, ih, iw] += mean * g_m[n, o, h, w] + var2 * x[n, i, ih, iw] * g_v[n, o, h, w]
+
+    @njit(parallel=True, cache=True)
+    def _value_grad_moments(x, g_m, g_v, ent_o, ent_i, ent_a, ent_b, gm, gs, sh, sw, ph, pw, dh, dw):
+        n_img, _, height, width = x.shape
+        out_h, out_w = g_m.shape[2], g_m.shape[3]
+        for e in prange(ent_o.shape[0]):
+            o, i = ent_o[e], ent_i[e]
+            oh_a, ow_b = ent_a[e] * dh - ph, ent_b[e] * dw - pw
+            h0, h1 = _span(oh_a, sh, height, out_h)
+            w0, w1 = _span(ow_b, sw, width, out_w)
+            acc_m, acc_s = 0.0, 0.0
+            for n in range(n_img):
+                for h in range(h0, h1):
+                    ih = h * sh + oh_a
+                    for w in range(w0, w1):
+                        xv = x[n, i, ih, w * sw + ow_b]
+                        acc_m += g_m[n, o, h, w] * xv
+                        acc_s += g_v[n, o, h, w] * xv * xv
+            gm[e], gs[e] = acc_m, acc_s
+
 
 def _geometry(call):
     return (*call.stride, *call.padding, *call.dilation)
@@ -181,6 +235,50 @@ class _DirectConv2d(torch.autograd.Function):
         return gx, gv, None, None
 
 
+class _DirectConvMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mean, var, pattern, call):
+        p = pattern.cached("direct_conv", lambda: plan(pattern))
+        x = x.contiguous()
+        m = pattern.to_row_major(mean).detach().contiguous()
+        s2 = pattern.to_row_major(var).detach().contiguous()
+        shape = (x.shape[0], pattern.weight_shape[0]) + call.output_size(pattern.weight_shape[2:])
+        y_m, y_v = x.new_zeros(shape), x.new_zeros(shape)
+        _threads()
+        _forward_moments(x.detach().numpy(), m.numpy(), s2.numpy(), p.row_ptr, p.ent_i, p.ent_a, p.ent_b, y_m.numpy(),
+                         y_v.numpy(), *_geometry(call))
+        ctx.save_for_backward(x, m, s2)
+        ctx.plan, ctx.pattern, ctx.call = p, pattern, call
+        return y_m, y_v
+
+    @staticmethod
+    def backward(ctx, g_m, g_v):
+        x, m, s2 = ctx.saved_tensors
+        p, geometry = ctx.plan, _geometry(ctx.call)
+        g_m = torch.zeros_like(g_v) if g_m is None else g_m.contiguous()
+        g_v = torch.zeros_like(g_m) if g_v is None else g_v.contiguous()
+        gx = gm = gs = None
+        _threads()
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(x)
+            _input_grad_moments(g_m.numpy(), g_v.numpy(), x.detach().numpy(), m.numpy(), s2.numpy(), p.chan_ptr, p.t_o,
+                                p.t_a, p.t_b, p.t_rm, gx.numpy(), *geometry)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gm, gs = torch.empty_like(m), torch.empty_like(s2)
+            _value_grad_moments(x.detach().numpy(), g_m.numpy(), g_v.numpy(), p.ent_o, p.ent_i, p.ent_a, p.ent_b,
+                                gm.numpy(), gs.numpy(), *geometry)
+            gm, gs = ctx.pattern.from_row_major(gm), ctx.pattern.from_row_major(gs)
+        return gx, gm, gs, None, None
+
+
+def conv2d_moments(x, mean, var, pattern, call):
+    r"""Local reparameterisation's two products of a sparse 2-d convolution in one pass over ``x``:
+    ``(F.conv2d(x, M), F.conv2d(x * x, V))`` for the sparse ``M`` and ``V`` of ``mean`` and ``var`` (storage
+    order) on ``pattern``, ``x * x`` formed on the fly; differentiable in ``x``, ``mean`` and ``var``
+    (:math:`\partial / \partial x = \mathrm{conv}^T(g_M, M) + 2 x \odot \mathrm{conv}^T(g_V, V)`)."""
+    return _DirectConvMoments.apply(x, mean, var, pattern, call)
+
+
 def conv2d(x, values, pattern, call):
     r"""``F.conv2d(x, W)`` (no bias, ``groups=1``) for the sparse ``W`` of ``values`` (storage order) on the
     convolution ``pattern``, with the geometry ``call`` (a :class:`~pyro_ssvi.kernels.ConvCall`), by the direct
@@ -188,4 +286,4 @@ def conv2d(x, values, pattern, call):
     return _DirectConv2d.apply(x, values, pattern, call)
 
 
-__all__ = ["Plan", "applies", "available", "conv2d", "plan"]
+__all__ = ["Plan", "applies", "available", "conv2d", "conv2d_moments", "plan"]

@@ -130,3 +130,52 @@ def test_a_trained_cnn_gives_the_same_losses_on_the_direct_and_the_im2col_path(m
                    local_reparameterization=True)
         losses[path] = [svi.step(x, y) for _ in range(8)]
     assert losses["1"] == pytest.approx(losses["0"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES[:4] + CASES[-3:], ids=lambda c: f"{c[0]}x{c[1]}-k{c[2]}-s{c[3]}-p{c[4]}-d{c[6]}-b{c[7]}")
+@pytest.mark.parametrize("used", ["both", "mean", "variance"])
+def test_the_fused_moments_match_two_convolutions_and_their_gradients(case, used):
+    out, cin, k, stride, padding, size, dilation, batch = case
+    pattern = pattern_for(out, cin, k, 0.3, sort=False, seed=5)
+    call = pattern.conv_call(torch.zeros(batch, cin, size, size), stride, padding, dilation)
+    torch.manual_seed(2)
+    mean = torch.randn(pattern.num_active, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(pattern.num_active, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, cin, size, size, dtype=torch.float64, requires_grad=True)
+    y_m, y_v = direct_conv.conv2d_moments(x, mean, var, pattern, call)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    r_m, r_v = F.conv2d(x, pattern.dense(mean), **geometry), F.conv2d(x * x, pattern.dense(var), **geometry)
+    torch.testing.assert_close(y_m, r_m, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y_v, r_v, rtol=1e-10, atol=1e-10)
+    g_m, g_v = torch.randn_like(r_m), torch.randn_like(r_v)
+    ours = {"both": (y_m * g_m).sum() + (y_v * g_v).sum(), "mean": (y_m * g_m).sum(), "variance": (y_v * g_v).sum()}[used]
+    ref = {"both": (r_m * g_m).sum() + (r_v * g_v).sum(), "mean": (r_m * g_m).sum(), "variance": (r_v * g_v).sum()}[used]
+    for a, r in zip(torch.autograd.grad(ours, (x, mean, var), allow_unused=True), torch.autograd.grad(ref, (x, mean, var), allow_unused=True)):
+        if r is None:  # the unused moment's weights: no gradient, or zeros
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_local_reparameterisation_runs_both_products_in_one_pass_and_matches_the_two_pass_path(monkeypatch):
+    from test_sparse_conv import CONV_SITES, fresh_cnn_and_guide
+
+    from pyro_ssvi import SSVI
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 5, generator=g)
+    fused = []
+    real = direct_conv.conv2d_moments
+    monkeypatch.setattr(direct_conv, "conv2d_moments", lambda *a: fused.append(1) or real(*a))
+    losses = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("PYRO_SSVI_DIRECT_CONV", path)
+        fused.clear()
+        model, guide = fresh_cnn_and_guide(True, seed=0)
+        svi = SSVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO(), total_steps=8, update_every=3,
+                   local_reparameterization=True)
+        losses[path] = [svi.step(x, y) for _ in range(8)]
+        # every convolution of every step but the first (where local reparameterisation learns which sites it
+        # applies to) and the update steps (gradient addition reads a dense gradient there)
+        assert len(fused) == ((8 - 1 - len(svi.history)) * len(CONV_SITES) if path == "1" else 0) and len(svi.history) == 1
+    assert losses["1"] == pytest.approx(losses["0"], rel=1e-5)
