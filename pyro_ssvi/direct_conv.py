@@ -93,6 +93,16 @@ if numba is not None:
         hi = 0 if last < 0 else min(out_size, last // stride + 1)
         return lo, max(lo, hi)
 
+    @njit(cache=True, inline="always")
+    def _window(a, b, geometry, height, width, out_h, out_w):
+        """For kernel position ``(a, b)``: the input offsets ``(a d_h - p_h, b d_w - p_w)`` and the output rows
+        ``[h0, h1)`` and columns ``[w0, w1)`` whose input positions lie inside the image."""
+        sh, sw, ph, pw, dh, dw = geometry
+        off_h, off_w = a * dh - ph, b * dw - pw
+        h0, h1 = _span(off_h, sh, height, out_h)
+        w0, w1 = _span(off_w, sw, width, out_w)
+        return off_h, off_w, h0, h1, w0, w1
+
     @njit(parallel=True, cache=True)
     def _forward(x, v, row_ptr, ent_i, ent_a, ent_b, y, sh, sw, ph, pw, dh, dw):
         n_img, _, height, width = x.shape
@@ -101,9 +111,7 @@ if numba is not None:
             n, o = task // out_c, task % out_c
             for e in range(row_ptr[o], row_ptr[o + 1]):
                 val, i = v[e], ent_i[e]
-                oh_a, ow_b = ent_a[e] * dh - ph, ent_b[e] * dw - pw
-                h0, h1 = _span(oh_a, sh, height, out_h)
-                w0, w1 = _span(ow_b, sw, width, out_w)
+                oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
                 for h in range(h0, h1):
                     ih = h * sh + oh_a
                     for w in range(w0, w1):
@@ -117,9 +125,7 @@ if numba is not None:
             n, i = task // in_c, task % in_c
             for t in range(chan_ptr[i], chan_ptr[i + 1]):
                 val, o = v[t_rm[t]], t_o[t]
-                oh_a, ow_b = t_a[t] * dh - ph, t_b[t] * dw - pw
-                h0, h1 = _span(oh_a, sh, height, out_h)
-                w0, w1 = _span(ow_b, sw, width, out_w)
+                oh_a, ow_b, h0, h1, w0, w1 = _window(t_a[t], t_b[t], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
                 for h in range(h0, h1):
                     ih = h * sh + oh_a
                     for w in range(w0, w1):
@@ -131,9 +137,7 @@ if numba is not None:
         out_h, out_w = g.shape[2], g.shape[3]
         for e in prange(ent_o.shape[0]):
             o, i = ent_o[e], ent_i[e]
-            oh_a, ow_b = ent_a[e] * dh - ph, ent_b[e] * dw - pw
-            h0, h1 = _span(oh_a, sh, height, out_h)
-            w0, w1 = _span(ow_b, sw, width, out_w)
+            oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
             acc = 0.0
             for n in range(n_img):
                 for h in range(h0, h1):
@@ -150,9 +154,7 @@ if numba is not None:
             n, o = task // out_c, task % out_c
             for e in range(row_ptr[o], row_ptr[o + 1]):
                 mean, var, i = m[e], s2[e], ent_i[e]
-                oh_a, ow_b = ent_a[e] * dh - ph, ent_b[e] * dw - pw
-                h0, h1 = _span(oh_a, sh, height, out_h)
-                w0, w1 = _span(ow_b, sw, width, out_w)
+                oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
                 for h in range(h0, h1):
                     ih = h * sh + oh_a
                     for w in range(w0, w1):
@@ -168,9 +170,7 @@ if numba is not None:
             n, i = task // in_c, task % in_c
             for t in range(chan_ptr[i], chan_ptr[i + 1]):
                 mean, var2, o = m[t_rm[t]], 2.0 * s2[t_rm[t]], t_o[t]
-                oh_a, ow_b = t_a[t] * dh - ph, t_b[t] * dw - pw
-                h0, h1 = _span(oh_a, sh, height, out_h)
-                w0, w1 = _span(ow_b, sw, width, out_w)
+                oh_a, ow_b, h0, h1, w0, w1 = _window(t_a[t], t_b[t], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
                 for h in range(h0, h1):
                     ih = h * sh + oh_a
                     for w in range(w0, w1):
@@ -183,9 +183,7 @@ if numba is not None:
         out_h, out_w = g_m.shape[2], g_m.shape[3]
         for e in prange(ent_o.shape[0]):
             o, i = ent_o[e], ent_i[e]
-            oh_a, ow_b = ent_a[e] * dh - ph, ent_b[e] * dw - pw
-            h0, h1 = _span(oh_a, sh, height, out_h)
-            w0, w1 = _span(ow_b, sw, width, out_w)
+            oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
             acc_m, acc_s = 0.0, 0.0
             for n in range(n_img):
                 for h in range(h0, h1):
