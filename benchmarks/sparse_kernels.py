@@ -16,9 +16,14 @@ Times are medians of ``--repeats`` forward+backward passes, both kernels timed i
 in this run; the crossover is the largest measured density at which the sparse kernel is
 faster. "auto" is what ``SparseSubspaceGuide(sparse_kernels="auto")`` would pick for the layer
 (``pyro_ssvi.kernels.measure``, its own short measurement). Convolutions: 3x3 layers of a CIFAR
-ResNet-18 at density 0.1, dense ``F.conv2d`` against ``pyro_ssvi.kernels.sparse_conv2d`` (im2col
-by ``F.unfold`` + the same sparse kernel). Writes results/sparse_kernels.{md,json,png}.
+ResNet-18 at density ``--conv-density``, dense ``F.conv2d`` (oneDNN) against the two sparse paths of
+``pyro_ssvi.kernels.sparse_conv2d``: im2col (``F.unfold`` + the same sparse kernel) and, with numba installed, the
+direct kernels of ``pyro_ssvi.direct_conv``; the limit line is ``density x`` the dense time. ``--conv-densities``
+adds, for the first layer of each width, the time against density. Writes results/sparse_kernels.{md,json,png}.
 """
+
+import contextlib
+import os
 
 import pathlib
 import statistics
@@ -84,13 +89,28 @@ def dense_conv_step(pattern, values, x):
     return y, xx.grad, v.grad
 
 
-def sparse_conv_step(pattern, values, x):
-    """``pyro_ssvi.kernels.sparse_conv2d``: im2col (``F.unfold``) and the CSR kernel."""
+@contextlib.contextmanager
+def conv_path(path):
+    """``sparse_conv2d`` on the ``"im2col"`` or the ``"direct"`` path (``PYRO_SSVI_DIRECT_CONV``) inside the block."""
+    old = os.environ.get("PYRO_SSVI_DIRECT_CONV")
+    os.environ["PYRO_SSVI_DIRECT_CONV"] = "1" if path == "direct" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYRO_SSVI_DIRECT_CONV"]
+        else:
+            os.environ["PYRO_SSVI_DIRECT_CONV"] = old
+
+
+def sparse_conv_step(pattern, values, x, path="im2col"):
+    """``pyro_ssvi.kernels.sparse_conv2d`` on ``path``: im2col (``F.unfold``) and the CSR kernel, or the direct kernels."""
     from pyro_ssvi.kernels import sparse_conv2d
 
     v, xx = values.detach().requires_grad_(), x.detach().requires_grad_()
-    y = sparse_conv2d(xx, v, pattern, padding=1)
-    y.backward(_ones(y))
+    with conv_path(path):
+        y = sparse_conv2d(xx, v, pattern, padding=1)
+        y.backward(_ones(y))
     return y, xx.grad, v.grad
 
 
@@ -141,26 +161,43 @@ def measure_linear(args):
     return rows
 
 
-def measure_conv(args):
+def conv_paths(device):
+    """The sparse convolution paths this machine has: im2col always, direct with numba on the CPU."""
+    from pyro_ssvi import direct_conv
+
+    return ["im2col"] + (["direct"] if device == "cpu" and direct_conv.numba is not None else [])
+
+
+def measure_conv_layer(args, channels, size, density):
+    """One 3x3 layer: dense and every sparse path, timed in alternation; a row of the conv table."""
     import torch
 
     from pyro_ssvi.kernels import ConvCall, LinearPattern, measure_conv2d
 
-    rows = []
-    for channels, size in CONVS:
-        shape = (channels, channels, 3, 3)
-        index, values = make_layer(channels * channels * 9, args.conv_density, args.device)
-        x = torch.randn(args.conv_batch, channels, size, size, generator=torch.Generator().manual_seed(1)).to(args.device)
-        pattern = LinearPattern(index, shape)  # a convolution pattern: the weight as its (C_out, C_in * 3 * 3) im2col matrix
+    index, values = make_layer(channels * channels * 9, density, args.device)
+    x = torch.randn(args.conv_batch, channels, size, size, generator=torch.Generator().manual_seed(1)).to(args.device)
+    pattern = LinearPattern(index, (channels, channels, 3, 3))  # the weight as its (C_out, C_in * 3 * 3) im2col matrix
+    row = {"channels": channels, "size": size, "density": density}
+    for path in conv_paths(args.device):
         err, dense_s, sparse_s = compare(lambda: dense_conv_step(pattern, values, x),
-                                         lambda: sparse_conv_step(pattern, values, x), args.repeats, args.blocks, args.device)
-        xg = x.detach().requires_grad_()
-        auto = measure_conv2d(pattern, xg, values.detach().requires_grad_(), ConvCall.of(xg, 1, 1, 1))["sparse"]
-        rows.append({"channels": channels, "size": size, "density": args.conv_density, "dense_seconds": dense_s,
-                     "sparse_seconds": sparse_s, "max_relative_error": err, "auto_picks_sparse": auto})
-        print(f"conv {channels}x{channels}x3x3 at {size}x{size}: dense {dense_s * 1e3:.2f} ms, im2col + sparse {sparse_s * 1e3:.2f} ms "
-              f"({sparse_s / dense_s:.2f}x), rel. error {err:.1e}, auto: {'sparse' if auto else 'dense'}", flush=True)
-    return rows
+                                         lambda: sparse_conv_step(pattern, values, x, path), args.repeats, args.blocks, args.device)
+        row.setdefault("dense_seconds", []).append(dense_s)  # one dense time per comparison, medianed below
+        row[f"{path}_seconds"], row[f"{path}_relative_error"] = sparse_s, err
+    row["dense_seconds"] = statistics.median(row["dense_seconds"])
+    xg = x.detach().requires_grad_()
+    row["auto_picks_sparse"] = measure_conv2d(pattern, xg, values.detach().requires_grad_(), ConvCall.of(xg, 1, 1, 1))["sparse"]
+    row["limit_seconds"] = density * row["dense_seconds"]
+    times = ", ".join(f"{p} {row[f'{p}_seconds'] * 1e3:.2f} ms ({row[f'{p}_seconds'] / row['dense_seconds']:.2f}x)" for p in conv_paths(args.device))
+    print(f"conv {channels}x{channels}x3x3 at {size}x{size}, density {density}: dense {row['dense_seconds'] * 1e3:.2f} ms, {times}, "
+          f"auto: {'sparse' if row['auto_picks_sparse'] else 'dense'}", flush=True)
+    return row
+
+
+def measure_conv(args):
+    rows = [measure_conv_layer(args, channels, size, args.conv_density) for channels, size in CONVS]
+    sweep = [measure_conv_layer(args, channels, size, d) for channels, size in CONVS[:: max(1, len(CONVS) // 2)]
+             for d in args.conv_densities]
+    return rows, sweep
 
 
 def main(argv=None):
@@ -170,6 +207,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--conv-density", type=float, default=0.1, help="density of the convolutions measured")
     p.add_argument("--conv-batch", type=int, default=32, help="batch of the convolutions (0: skip them)")
+    p.add_argument("--conv-densities", default="", help="comma-separated densities of the time-against-density sweep of two layers (empty: none)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per block")
     p.add_argument("--blocks", type=int, default=3, help="alternating blocks per kernel")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -179,8 +217,11 @@ def main(argv=None):
     try:
         args.widths = [int(w) for w in args.widths.split(",") if w]
         args.densities = [float(d) for d in args.densities.split(",") if d]
+        args.conv_densities = [float(d) for d in args.conv_densities.split(",") if d]
     except ValueError:
-        p.error("--widths / --densities: expected comma-separated numbers")
+        p.error("--widths / --densities / --conv-densities: expected comma-separated numbers")
+    if not all(0 < d <= 1 for d in args.conv_densities):
+        p.error("--conv-densities: values in (0, 1]")
     if not args.widths or min(args.widths) < 1 or not args.densities or not all(0 < d <= 1 for d in args.densities):
         p.error("--widths: positive integers; --densities: values in (0, 1]")
     if not 0 < args.conv_density <= 1:
@@ -191,7 +232,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     rows = measure_linear(args)
-    convs = measure_conv(args) if args.conv_batch else []
+    convs, sweep = measure_conv(args) if args.conv_batch else ([], [])
     table, crossover = [], {}
     for r in rows:
         table.append([r["width"], r["density"], f"{r['dense_seconds'] * 1e3:.2f}", f"{r['sparse_seconds'] * 1e3:.2f}",
@@ -214,16 +255,27 @@ def main(argv=None):
         "Crossover (largest measured density where the sparse kernel wins): " + "; ".join(lines) + ".",
     ]
     if convs:
+        paths = conv_paths(args.device)
+
+        def conv_table(rs):
+            return markdown_table(
+                ["channels", "input size", "density", "dense ms", *(f"{p} ms" for p in paths), *(f"{p} / dense" for p in paths),
+                 "limit (density x dense) ms", "rel. error", "auto"],
+                [[c["channels"], f"{c['size']}x{c['size']}", c["density"], f"{c['dense_seconds'] * 1e3:.2f}",
+                  *(f"{c[f'{p}_seconds'] * 1e3:.2f}" for p in paths), *(f"{c[f'{p}_seconds'] / c['dense_seconds']:.2f}x" for p in paths),
+                  f"{c['limit_seconds'] * 1e3:.2f}", f"{max(c[f'{p}_relative_error'] for p in paths):.1e}",
+                  "sparse" if c["auto_picks_sparse"] else "dense"] for c in rs])
+
         md += [
             f"\n## Convolutions (3x3, padding 1, batch {args.conv_batch}, density {args.conv_density})\n",
-            "The 3x3 layers of a CIFAR ResNet-18 (base width 64): dense `F.conv2d` on the scattered weight against "
-            "`pyro_ssvi.kernels.sparse_conv2d` (im2col by `F.unfold`, then the same sparse kernel), forward + backward; "
-            "\"auto\" is what `sparse_kernels=\"auto\"` picks for the layer (`kernels.measure_conv2d`).\n",
-            markdown_table(["channels", "input size", "dense ms", "im2col + sparse ms", "sparse / dense", "rel. error", "auto"],
-                           [[c["channels"], f"{c['size']}x{c['size']}", f"{c['dense_seconds'] * 1e3:.2f}", f"{c['sparse_seconds'] * 1e3:.2f}",
-                             f"{c['sparse_seconds'] / c['dense_seconds']:.2f}x", f"{c['max_relative_error']:.1e}",
-                             "sparse" if c["auto_picks_sparse"] else "dense"] for c in convs]),
+            "The 3x3 layers of a CIFAR ResNet-18 (base width 64): dense `F.conv2d` (oneDNN) on the scattered weight against "
+            "`pyro_ssvi.kernels.sparse_conv2d` on each path (im2col: `F.unfold`, then the same sparse kernel; direct: the numba "
+            "kernels of `pyro_ssvi.direct_conv`), forward + backward; limit: the density times the dense time; \"auto\" is "
+            "what `sparse_kernels=\"auto\"` picks for the layer (`kernels.measure_conv2d`, on the path this run has).\n",
+            conv_table(convs),
         ]
+        if sweep:
+            md += ["\n### Time against density\n", conv_table(sweep)]
     md = "\n".join(md)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -237,7 +289,21 @@ def main(argv=None):
     ax.set_ylabel("sparse / dense time")
     ax.legend()
     save_figure(fig, args, "sparse_kernels")
-    write_results("sparse_kernels", md, {"linear": rows, "conv": convs}, args)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for channels in dict.fromkeys(r["channels"] for r in sweep):
+            rs = [r for r in sweep if r["channels"] == channels]
+            for path in conv_paths(args.device):
+                ax.plot([r["density"] for r in rs], [r[f"{path}_seconds"] * 1e3 for r in rs], marker="o", label=f"{channels} ch, {path}")
+            ax.plot([r["density"] for r in rs], [r["dense_seconds"] * 1e3 for r in rs], ls="--", label=f"{channels} ch, dense")
+            ax.plot([r["density"] for r in rs], [r["limit_seconds"] * 1e3 for r in rs], ls=":", label=f"{channels} ch, limit")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density")
+        ax.set_ylabel("ms, forward + backward")
+        ax.legend(fontsize=6)
+        save_figure(fig, args, "sparse_kernels_conv_density")
+    write_results("sparse_kernels", md, {"linear": rows, "conv": convs, "conv_density_sweep": sweep}, args)
     print(md)
     return rows, convs
 

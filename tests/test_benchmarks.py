@@ -128,13 +128,19 @@ def test_distributed_benchmark(tmp_path):
 
 
 def test_sparse_kernels_benchmark(tmp_path):
-    run("sparse_kernels.py", "--widths", "64", "--densities", "0.1,0.5", "--repeats", "1", "--blocks", "1", "--conv-batch", "2", tmp_path=tmp_path)
+    run("sparse_kernels.py", "--widths", "64", "--densities", "0.1,0.5", "--repeats", "1", "--blocks", "1", "--conv-batch", "2",
+        "--conv-densities", "0.05,0.5", tmp_path=tmp_path)
     md, payload = outputs(tmp_path, "sparse_kernels")
-    rows, convs = payload["results"]["linear"], payload["results"]["conv"]
+    rows, convs, sweep = (payload["results"][k] for k in ("linear", "conv", "conv_density_sweep"))
     assert [(r["width"], r["density"]) for r in rows] == [(64, 0.1), (64, 0.5)]
     assert [(c["channels"], c["size"]) for c in convs] == [(64, 32), (128, 16), (256, 8), (512, 4)]
-    # the CSR paths compute what the dense ones do
-    assert all(r["max_relative_error"] < 1e-5 for r in rows + convs)
+    assert [(c["channels"], c["density"]) for c in sweep] == [(64, 0.05), (64, 0.5), (256, 0.05), (256, 0.5)]
+    paths = ["im2col"] + (["direct"] if "direct_seconds" in convs[0] else [])
+    # the sparse paths compute what the dense ones do
+    assert all(r["max_relative_error"] < 1e-5 for r in rows)
+    assert all(c[f"{p}_relative_error"] < 1e-5 for c in convs + sweep for p in paths)
+    assert all(c["limit_seconds"] == pytest.approx(c["density"] * c["dense_seconds"]) for c in convs + sweep)
+    assert (tmp_path / "sparse_kernels_conv_density.png").stat().st_size > 1000
     assert all(isinstance(r["auto_picks_sparse"], bool) for r in rows)
     assert "Crossover" in md and "Convolutions" in md
 
