@@ -104,95 +104,85 @@ if numba is not None:
         return off_h, off_w, h0, h1, w0, w1
 
     @njit(parallel=True, cache=True)
-    def _forward(x, v, row_ptr, ent_i, ent_a, ent_b, y, sh, sw, ph, pw, dh, dw):
-        n_img, _, height, width = x.shape
-        out_c, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
-        for task in prange(n_img * out_c):
-            n, o = task // out_c, task % out_c
+    def _forward(x, v, s2, row_ptr, ent_i, ent_a, ent_b, y, y_var, geometry):
+        """``y[o] += v_e x[i_e]`` shifted, for each entry of row ``o`` (and ``y_var[o] += s2_e x[i_e]^2`` when
+        ``y_var`` is not empty); one task per output channel. Layout ``(channel, h, w, image)``."""
+        _, height, width, n_img = x.shape
+        out_c, out_h, out_w = y.shape[0], y.shape[1], y.shape[2]
+        moments = y_var.shape[0] > 0
+        for o in prange(out_c):
             for e in range(row_ptr[o], row_ptr[o + 1]):
-                val, i = v[e], ent_i[e]
-                oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
+                val, var, i = v[e], s2[e], ent_i[e]  # s2: the values again when there are no moments
+                off_h, off_w, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], geometry, height, width, out_h, out_w)
                 for h in range(h0, h1):
-                    ih = h * sh + oh_a
+                    ih = h * geometry[0] + off_h
                     for w in range(w0, w1):
-                        y[n, o, h, w] += val * x[n, i, ih, w * sw + ow_b]
+                        iw = w * geometry[1] + off_w
+                        if moments:
+                            for n in range(n_img):
+                                xv = x[i, ih, iw, n]
+                                y[o, h, w, n] += val * xv
+                                y_var[o, h, w, n] += var * xv * xv
+                        else:
+                            for n in range(n_img):
+                                y[o, h, w, n] += val * x[i, ih, iw, n]
 
     @njit(parallel=True, cache=True)
-    def _input_grad(g, v, chan_ptr, t_o, t_a, t_b, t_rm, gx, sh, sw, ph, pw, dh, dw):
-        n_img, in_c, height, width = gx.shape
-        out_h, out_w = g.shape[2], g.shape[3]
-        for task in prange(n_img * in_c):
-            n, i = task // in_c, task % in_c
+    def _input_grad(g, g_var, x, v, s2, chan_ptr, t_o, t_a, t_b, t_rm, gx, geometry):
+        """``gx[i] += v_e g[o_e]`` shifted back (``+ 2 s2_e x[i] g_var[o_e]`` with moments), for each entry of
+        input channel ``i``; one task per input channel."""
+        _, height, width, n_img = gx.shape
+        out_h, out_w = g.shape[1], g.shape[2]
+        moments = g_var.shape[0] > 0
+        for i in prange(gx.shape[0]):
             for t in range(chan_ptr[i], chan_ptr[i + 1]):
-                val, o = v[t_rm[t]], t_o[t]
-                oh_a, ow_b, h0, h1, w0, w1 = _window(t_a[t], t_b[t], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
+                val, var, o = v[t_rm[t]], s2[t_rm[t]], t_o[t]
+                var2 = var + var  # 2 s2, in the values' dtype
+                off_h, off_w, h0, h1, w0, w1 = _window(t_a[t], t_b[t], geometry, height, width, out_h, out_w)
                 for h in range(h0, h1):
-                    ih = h * sh + oh_a
+                    ih = h * geometry[0] + off_h
                     for w in range(w0, w1):
-                        gx[n, i, ih, w * sw + ow_b] += val * g[n, o, h, w]
+                        iw = w * geometry[1] + off_w
+                        if moments:
+                            for n in range(n_img):
+                                gx[i, ih, iw, n] += val * g[o, h, w, n] + var2 * x[i, ih, iw, n] * g_var[o, h, w, n]
+                        else:
+                            for n in range(n_img):
+                                gx[i, ih, iw, n] += val * g[o, h, w, n]
 
     @njit(parallel=True, cache=True)
-    def _value_grad(x, g, ent_o, ent_i, ent_a, ent_b, gv, sh, sw, ph, pw, dh, dw):
-        n_img, _, height, width = x.shape
-        out_h, out_w = g.shape[2], g.shape[3]
+    def _value_grad(x, g, g_var, ent_o, ent_i, ent_a, ent_b, gv, gs, acc, geometry):
+        """``gv[e] = sum g[o_e] x[i_e]`` shifted over positions and images (and ``gs[e] = sum g_var[o_e] x[i_e]^2``
+        with moments); one task per entry, summed per image in ``acc`` (float64, a row per thread) in a fixed
+        order, then over images, so the result depends neither on the thread count nor on the processor."""
+        _, height, width, n_img = x.shape
+        out_h, out_w = g.shape[1], g.shape[2]
+        moments = g_var.shape[0] > 0
         for e in prange(ent_o.shape[0]):
+            row = acc[numba.get_thread_id()]
+            row[:] = 0.0
             o, i = ent_o[e], ent_i[e]
-            oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
-            acc = 0.0
+            off_h, off_w, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], geometry, height, width, out_h, out_w)
+            for h in range(h0, h1):
+                ih = h * geometry[0] + off_h
+                for w in range(w0, w1):
+                    iw = w * geometry[1] + off_w
+                    if moments:
+                        for n in range(n_img):
+                            xv = x[i, ih, iw, n]
+                            row[n] += g[o, h, w, n] * xv
+                            row[n_img + n] += g_var[o, h, w, n] * xv * xv
+                    else:
+                        for n in range(n_img):
+                            row[n] += g[o, h, w, n] * x[i, ih, iw, n]
+            total, total_var = 0.0, 0.0
             for n in range(n_img):
-                for h in range(h0, h1):
-                    ih = h * sh + oh_a
-                    for w in range(w0, w1):
-                        acc += g[n, o, h, w] * x[n, i, ih, w * sw + ow_b]
-            gv[e] = acc
-
-    @njit(parallel=True, cache=True)
-    def _forward_moments(x, m, s2, row_ptr, ent_i, ent_a, ent_b, y_m, y_v, sh, sw, ph, pw, dh, dw):
-        n_img, _, height, width = x.shape
-        out_c, out_h, out_w = y_m.shape[1], y_m.shape[2], y_m.shape[3]
-        for task in prange(n_img * out_c):
-            n, o = task // out_c, task % out_c
-            for e in range(row_ptr[o], row_ptr[o + 1]):
-                mean, var, i = m[e], s2[e], ent_i[e]
-                oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
-                for h in range(h0, h1):
-                    ih = h * sh + oh_a
-                    for w in range(w0, w1):
-                        xv = x[n, i, ih, w * sw + ow_b]
-                        y_m[n, o, h, w] += mean * xv
-                        y_v[n, o, h, w] += var * xv * xv
-
-    @njit(parallel=True, cache=True)
-    def _input_grad_moments(g_m, g_v, x, m, s2, chan_ptr, t_o, t_a, t_b, t_rm, gx, sh, sw, ph, pw, dh, dw):
-        n_img, in_c, height, width = gx.shape
-        out_h, out_w = g_m.shape[2], g_m.shape[3]
-        for task in prange(n_img * in_c):
-            n, i = task // in_c, task % in_c
-            for t in range(chan_ptr[i], chan_ptr[i + 1]):
-                mean, var2, o = m[t_rm[t]], 2.0 * s2[t_rm[t]], t_o[t]
-                oh_a, ow_b, h0, h1, w0, w1 = _window(t_a[t], t_b[t], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
-                for h in range(h0, h1):
-                    ih = h * sh + oh_a
-                    for w in range(w0, w1):
-                        iw = w * sw + ow_b
-                        gx[n, i, ih, iw] += mean * g_m[n, o, h, w] + var2 * x[n, i, ih, iw] * g_v[n, o, h, w]
-
-    @njit(parallel=True, cache=True)
-    def _value_grad_moments(x, g_m, g_v, ent_o, ent_i, ent_a, ent_b, gm, gs, sh, sw, ph, pw, dh, dw):
-        n_img, _, height, width = x.shape
-        out_h, out_w = g_m.shape[2], g_m.shape[3]
-        for e in prange(ent_o.shape[0]):
-            o, i = ent_o[e], ent_i[e]
-            oh_a, ow_b, h0, h1, w0, w1 = _window(ent_a[e], ent_b[e], (sh, sw, ph, pw, dh, dw), height, width, out_h, out_w)
-            acc_m, acc_s = 0.0, 0.0
-            for n in range(n_img):
-                for h in range(h0, h1):
-                    ih = h * sh + oh_a
-                    for w in range(w0, w1):
-                        xv = x[n, i, ih, w * sw + ow_b]
-                        acc_m += g_m[n, o, h, w] * xv
-                        acc_s += g_v[n, o, h, w] * xv * xv
-            gm[e], gs[e] = acc_m, acc_s
+                total += row[n]
+            gv[e] = total
+            if moments:
+                for n in range(n_img):
+                    total_var += row[n_img + n]
+                gs[e] = total_var
 
 
 def _geometry(call):
@@ -203,70 +193,90 @@ def _threads():
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+def _batch_last(t):
+    """``(N, C, H, W)`` -> contiguous ``(C, H, W, N)``: the kernels' layout, images innermost (vector lanes)."""
+    return t.detach().permute(1, 2, 3, 0).contiguous()
+
+
+def _batch_first(t):
+    """The kernels' ``(C, H, W, N)`` back to a contiguous ``(N, C, H, W)`` tensor."""
+    return t.permute(3, 0, 1, 2).contiguous()
+
+
+_NONE = torch.zeros(0, 1, 1, 1)  # an empty array: "no variance product" to the kernels
+
+
+def _empty(like):
+    return _NONE.to(like.dtype).numpy()
+
+
+def _run_forward(x, mean, var, pattern, call):
+    """The forward products: ``(plan, x in the kernels' layout, row-major mean, var, y, y_var)``."""
+    p = pattern.cached("direct_conv", lambda: plan(pattern))
+    xt = _batch_last(x)
+    m = pattern.to_row_major(mean).detach().contiguous()
+    s2 = None if var is None else pattern.to_row_major(var).detach().contiguous()
+    shape = (pattern.weight_shape[0],) + call.output_size(pattern.weight_shape[2:]) + (x.shape[0],)
+    y = xt.new_zeros(shape)
+    y_var = None if var is None else xt.new_zeros(shape)
+    _threads()
+    _forward(xt.numpy(), m.numpy(), m.numpy() if s2 is None else s2.numpy(), p.row_ptr, p.ent_i, p.ent_a, p.ent_b, y.numpy(),
+             _empty(y) if y_var is None else y_var.numpy(), _geometry(call))
+    return p, xt, m, s2, y, y_var
+
+
+def _run_backward(ctx, g, g_var):
+    """Input and value gradients of the forward products (``g_var`` ``None``: no variance product)."""
+    xt, m, s2 = ctx.saved_tensors[0], ctx.saved_tensors[1], (ctx.saved_tensors[2] if len(ctx.saved_tensors) > 2 else None)
+    p, geometry = ctx.plan, _geometry(ctx.call)
+    gt = _batch_last(g)
+    gvt = None if g_var is None else _batch_last(g_var)
+    none = _empty(gt)
+    gx = gm = gs = None
+    _threads()
+    if ctx.needs_input_grad[0]:
+        gxt = torch.zeros_like(xt)
+        _input_grad(gt.numpy(), none if gvt is None else gvt.numpy(), xt.numpy(), m.numpy(), m.numpy() if s2 is None else s2.numpy(),
+                    p.chan_ptr, p.t_o, p.t_a, p.t_b, p.t_rm, gxt.numpy(), geometry)
+        gx = _batch_first(gxt)
+    if ctx.needs_input_grad[1] or (s2 is not None and ctx.needs_input_grad[2]):
+        gm = torch.empty_like(m)
+        gs = torch.empty_like(m) if s2 is not None else None
+        acc = torch.empty(numba.get_num_threads(), 2 * xt.shape[-1], dtype=torch.float64)
+        _value_grad(xt.numpy(), gt.numpy(), none if gvt is None else gvt.numpy(), p.ent_o, p.ent_i, p.ent_a, p.ent_b,
+                    gm.numpy(), (gm if gs is None else gs).numpy(), acc.numpy(), geometry)
+        gm = ctx.pattern.from_row_major(gm)
+        gs = None if gs is None else ctx.pattern.from_row_major(gs)
+    return gx, gm, gs
+
+
 class _DirectConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, pattern, call):
-        p = pattern.cached("direct_conv", lambda: plan(pattern))
-        x = x.contiguous()
-        v = pattern.to_row_major(values).detach().contiguous()
-        y = x.new_zeros((x.shape[0], pattern.weight_shape[0]) + call.output_size(pattern.weight_shape[2:]))
-        _threads()
-        _forward(x.detach().numpy(), v.numpy(), p.row_ptr, p.ent_i, p.ent_a, p.ent_b, y.numpy(), *_geometry(call))
-        ctx.save_for_backward(x, v)
+        p, xt, m, _, y, _ = _run_forward(x, values, None, pattern, call)
+        ctx.save_for_backward(xt, m)
         ctx.plan, ctx.pattern, ctx.call = p, pattern, call
-        return y
+        return _batch_first(y)
 
     @staticmethod
     def backward(ctx, grad):
-        x, v = ctx.saved_tensors
-        p, geometry = ctx.plan, _geometry(ctx.call)
-        g = grad.contiguous()
-        gx = gv = None
-        _threads()
-        if ctx.needs_input_grad[0]:
-            gx = torch.zeros_like(x)
-            _input_grad(g.numpy(), v.numpy(), p.chan_ptr, p.t_o, p.t_a, p.t_b, p.t_rm, gx.numpy(), *geometry)
-        if ctx.needs_input_grad[1]:
-            gv = torch.empty_like(v)
-            _value_grad(x.detach().numpy(), g.numpy(), p.ent_o, p.ent_i, p.ent_a, p.ent_b, gv.numpy(), *geometry)
-            gv = ctx.pattern.from_row_major(gv)
+        gx, gv, _ = _run_backward(ctx, grad, None)
         return gx, gv, None, None
 
 
 class _DirectConvMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, pattern, call):
-        p = pattern.cached("direct_conv", lambda: plan(pattern))
-        x = x.contiguous()
-        m = pattern.to_row_major(mean).detach().contiguous()
-        s2 = pattern.to_row_major(var).detach().contiguous()
-        shape = (x.shape[0], pattern.weight_shape[0]) + call.output_size(pattern.weight_shape[2:])
-        y_m, y_v = x.new_zeros(shape), x.new_zeros(shape)
-        _threads()
-        _forward_moments(x.detach().numpy(), m.numpy(), s2.numpy(), p.row_ptr, p.ent_i, p.ent_a, p.ent_b, y_m.numpy(),
-                         y_v.numpy(), *_geometry(call))
-        ctx.save_for_backward(x, m, s2)
+        p, xt, m, s2, y, y_var = _run_forward(x, mean, var, pattern, call)
+        ctx.save_for_backward(xt, m, s2)
         ctx.plan, ctx.pattern, ctx.call = p, pattern, call
-        return y_m, y_v
+        return _batch_first(y), _batch_first(y_var)
 
     @staticmethod
     def backward(ctx, g_m, g_v):
-        x, m, s2 = ctx.saved_tensors
-        p, geometry = ctx.plan, _geometry(ctx.call)
-        g_m = torch.zeros_like(g_v) if g_m is None else g_m.contiguous()
-        g_v = torch.zeros_like(g_m) if g_v is None else g_v.contiguous()
-        gx = gm = gs = None
-        _threads()
-        if ctx.needs_input_grad[0]:
-            gx = torch.zeros_like(x)
-            _input_grad_moments(g_m.numpy(), g_v.numpy(), x.detach().numpy(), m.numpy(), s2.numpy(), p.chan_ptr, p.t_o,
-                                p.t_a, p.t_b, p.t_rm, gx.numpy(), *geometry)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gm, gs = torch.empty_like(m), torch.empty_like(s2)
-            _value_grad_moments(x.detach().numpy(), g_m.numpy(), g_v.numpy(), p.ent_o, p.ent_i, p.ent_a, p.ent_b,
-                                gm.numpy(), gs.numpy(), *geometry)
-            gm, gs = ctx.pattern.from_row_major(gm), ctx.pattern.from_row_major(gs)
-        return gx, gm, gs, None, None
+        g_m = torch.zeros_like(g_v) if g_m is None else g_m
+        g_v = torch.zeros_like(g_m) if g_v is None else g_v
+        return (*_run_backward(ctx, g_m, g_v), None, None)
 
 
 def conv2d_moments(x, mean, var, pattern, call):
