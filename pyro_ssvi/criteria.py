@@ -7,15 +7,15 @@ important**, and an update removes the lowest-scoring active entries.
 With :math:`a = |\mu| / \sigma`, :math:`X = |\theta|` a folded normal and
 :math:`\delta(a) = \sqrt{2/\pi}\, e^{-a^2/2} - a\,\mathrm{erfc}(a/\sqrt2) \ge 0`:
 
-==================  ==================================================================
-``abs_mean``        :math:`|\mu|`
-``snr``             :math:`|\mu| / \sigma`
-``abs_expectation`` :math:`E X = |\mu| + \sigma\,\delta(a)`
-``snr_abs``         :math:`E X / \sqrt{\mathrm{Var}\,X} = (a + \delta) / \sqrt{1 - 2a\delta - \delta^2}`
-``exp_abs``         :math:`\log E e^{\lambda X}` (log space: same ranking, never overflows)
-``snr_exp_abs``     :math:`E e^{\lambda X} / \mathrm{sd}(e^{\lambda X}) = 1/\sqrt{\mathrm{expm1}(D)}`,
-                    :math:`D = \log E e^{2\lambda X} - 2 \log E e^{\lambda X}`
-==================  ==================================================================
+====================  ==================================================================
+``abs_mean``          :math:`|\mu|`
+``snr``               :math:`|\mu| / \sigma`
+``abs_expectation``   :math:`E X = |\mu| + \sigma\,\delta(a)`
+``snr_abs``           :math:`E X / \sqrt{\mathrm{Var}\,X} = (a + \delta) / \sqrt{1 - 2a\delta - \delta^2}`
+``exp_abs``           :math:`\log E e^{\lambda X}` (log space: same ranking, never overflows)
+``snr_exp_abs``       :math:`E e^{\lambda X} / \mathrm{sd}(e^{\lambda X}) = 1/\sqrt{\mathrm{expm1}(D)}`,
+                      :math:`D = \log E e^{2\lambda X} - 2 \log E e^{\lambda X}`
+====================  ==================================================================
 
 The forms above avoid the cancellations of the textbook formulas
 (``mu^2 + sigma^2 - (E|theta|)^2`` loses every digit once ``sigma << |mu|``), so no
@@ -119,6 +119,7 @@ def snr_exp_abs(loc, scale, lam=1.0):
     return torch.exp(-0.5 * _log_expm1(d)).to(dtype)
 
 
+#: the removal criteria by name (``SSVI(removal=...)``)
 REMOVAL_CRITERIA = {
     "abs_mean": abs_mean,
     "snr": snr,

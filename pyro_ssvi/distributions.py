@@ -235,7 +235,7 @@ class SparseNormal(TorchDistribution):
 
     @property
     def batch_index(self):
-        """Flat batch element (within the plate batch shape) of each active coordinate: ``index // |E|``;
+        """The flat batch element (within the plate batch shape) of each active coordinate, ``index // |E|``, or
         ``None`` for a global site or a dense site (every coordinate, in order)."""
         if self.index is None or len(self.site_batch_shape) == 0:
             return None

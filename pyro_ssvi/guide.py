@@ -133,7 +133,7 @@ class SparseSubspaceGuide(AutoGuide):
         ``round(density * numel)``) or ``"erk"`` (Erdős–Rényi-Kernel, Evci et al. 2020: density
         proportional to ``sum(shape) / prod(shape)``, so small layers keep more, the total
         ``round(density * total)`` exactly). A mapping ``density`` sets every site itself and takes
-        only ``"uniform"``. Saved in :meth:`state_dict`; loading a state of another allocation is refused.
+        only ``"uniform"``. Saved in ``state_dict()``; loading a state of another allocation is refused.
     :param dense_sites: names of sites kept dense (density 1, still mean-field Normal),
         e.g. the first convolution in the reference recipe.
     :param callable init_loc_fn: a Pyro init function ``site -> value``; the value is
@@ -461,7 +461,7 @@ class SparseSubspaceGuide(AutoGuide):
     @property
     def locs(self):
         """Every site's ``loc``, at ``locs.<site name>`` (a module built on each access, for optimiser
-        groups such as ``guide.locs.parameters()``; the parameters themselves live in :attr:`sites`)."""
+        groups such as ``guide.locs.parameters()``; the parameters themselves live in ``sites``)."""
         return self._field_view("locs", "loc")
 
     @property
@@ -506,7 +506,7 @@ class SparseSubspaceGuide(AutoGuide):
         """``{site: [{"rows", "dtype", "device", "input_grad", "value_grad", "sparse", "dense_s",
         "sparse_s"}, ...]}``: the measured kernel choices of each 2-d sparse site, one entry per call
         shape met so far (plus ``{"sparse": True, "forced": True}`` for a site forced onto the sparse
-        kernel). The same table is saved in :meth:`state_dict` (see :meth:`kernel_decisions`)."""
+        kernel). The same table is saved in ``state_dict()`` (see :meth:`kernel_decisions`)."""
         self._require_setup("kernel_report")
         return self.kernels.report()
 
@@ -518,7 +518,7 @@ class SparseSubspaceGuide(AutoGuide):
 
         ``sparse_kernels="auto"`` times both paths at a site's first training call, so which path runs
         would otherwise depend on the machine's load; every other call shape follows that measurement by
-        fixed rules. The table is part of :meth:`state_dict` (the module's extra state): a run resumed
+        fixed rules. The table is part of ``state_dict()`` (the module's extra state): a run resumed
         from a checkpoint takes the paths the first run took, whatever the load and whatever shapes it
         meets after the resume, and its float rounding is the same. To fix the choices of a new run,
         pass a table (e.g. from an earlier run) to :meth:`set_kernel_decisions`, or choose per site

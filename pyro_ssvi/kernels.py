@@ -785,5 +785,5 @@ class KernelSelector:
             shared.update(decisions)
 
 
-__all__ = ["ConvCall", "EARLY_REJECT", "KernelSelector", "LinearPattern", "MIN_CONV_MACS", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
+__all__ = ["ConvCall", "EARLY_REJECT", "KernelSelector", "LinearPattern", "MEASURE_REPEATS", "MIN_CONV_MACS", "SPARSE_MARGIN", "SparseWeight", "measure", "measure_conv2d",
            "parse_decision_table", "sparse_conv2d", "sparse_linear"]

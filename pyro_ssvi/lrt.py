@@ -594,7 +594,7 @@ def pre_activation(mean, var, shape, eps=0.0, order=None):
     r"""Sample :math:`y = m + \sqrt{v + \epsilon}\,\xi` of ``shape`` (``mean`` and ``var`` broadcast to it).
 
     The local-reparameterisation output (Kingma, Salimans, Welling 2015; Li et al., ICLR 2024), by
-    :class:`_PreActivation`: one tensor saved for backward. The noise is drawn in the storage order
+    ``_PreActivation``: one tensor saved for backward. The noise is drawn in the storage order
     ``order`` (:func:`draw_noise`). ``mean`` and ``var`` are *consumed*: when they are full-size
     tensors in the noise's layout and not views (as :class:`LocalReparameterizationMessenger` makes
     them) they are overwritten; do not read them afterwards.

@@ -2,7 +2,7 @@ r"""Predictive quality and uncertainty metrics, and batched Monte Carlo predicti
 
 Classification (``probs``: predictive class probabilities, shape ``(N, C)``; ``y``: labels ``(N,)``):
 
-* :func:`accuracy`, :func:`nll` (mean ``-log p(y|x)``), :func:`brier` (mean over examples of
+* :func:`~pyro_ssvi.metrics.accuracy`, :func:`nll` (mean ``-log p(y|x)``), :func:`brier` (mean over examples of
   :math:`\sum_c (p_c - 1[y=c])^2`),
 * :func:`ece`: expected calibration error with 15 equal-width bins on the top-label confidence,
   :math:`\sum_b \frac{|B_b|}{N} |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`, and

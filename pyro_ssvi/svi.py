@@ -43,7 +43,7 @@ from .schedule import SwapSchedule
 from .updater import SubspaceUpdater
 
 
-#: Pyro's compiled ELBOs: they trace the loss once, with the active sets of that moment baked in
+#: Pyro's compiled ELBOs, refused by SSVI (they trace the loss once, with the active sets of that moment baked in)
 JIT_ELBOS = tuple(
     getattr(pyro.infer, n)
     for n in ("JitTrace_ELBO", "JitTraceMeanField_ELBO", "JitTraceGraph_ELBO", "JitTraceEnum_ELBO")

@@ -94,7 +94,7 @@ class SubspaceUpdater:
 
         ``grads`` maps a site name to its dense data-term gradient (consumed: each is released after
         its site); ``optim`` is the ``pyro.optim`` or ``torch.optim`` optimiser whose state follows
-        the slots. Appends the update's record to :attr:`history` and returns it.
+        the slots. Appends the update's record to ``history`` and returns it.
         """
         record = {"step": t, "fraction": self.schedule.fraction(t), "scheduled": {}, "swapped": {}, "abs_mean_overlap": {}}
         if self.distributed:  # one bucketed all-reduce, in site order (the same on every rank)
