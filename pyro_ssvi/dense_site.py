@@ -49,12 +49,13 @@ def is_real(constraint):
 
 
 def subsampled_frames(site):
-    """The subsampled vectorised ``pyro.plate`` frames of a trace site: ``[(name, subsample size, full size)]``."""
+    """The subsampled vectorised ``pyro.plate`` frames of a trace site, with their full sizes: ``[(frame, full size)]``
+    (the frame's ``size`` is the subsample's)."""
     out = []
     for f in site["cond_indep_stack"]:
         full = f.full_size if f.full_size is not None else f.size
         if f.vectorized and f.size != full:
-            out.append((f.name, f.size, full))
+            out.append((f, full))
     return out
 
 
@@ -76,7 +77,7 @@ def why_dense(site):
         return f"prior {type(fn).__name__} is not factorised over coordinates"
     frames = subsampled_frames(site)
     if frames:
-        return f"local to the subsampled pyro.plate({frames[0][0]!r})"
+        return f"local to the subsampled pyro.plate({frames[0][0].name!r})"
     return None
 
 

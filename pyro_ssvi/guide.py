@@ -48,7 +48,7 @@ from pyro.nn import PyroModule
 from pyro.ops.tensor_utils import periodic_repeat
 
 from .allocation import ALLOCATIONS, active_counts
-from .dense_site import DenseSite, check_transformable, is_weight, to_support, why_dense
+from .dense_site import DenseSite, check_transformable, is_weight, subsampled_frames, to_support, why_dense
 from .distributions import SparseNormal
 from .kernels import KernelSelector, parse_decision_table
 from .site import SiteInfo, SparseSite, scale_bijection
@@ -338,11 +338,9 @@ class SparseSubspaceGuide(AutoGuide):
         u = to_support(fn.support).inv(value)
         u_event_dim = fn.event_dim + u.dim() - value.dim()
         batch = list(fn.batch_shape)
-        for f in site["cond_indep_stack"]:
-            full = f.full_size if f.full_size is not None else f.size
-            if f.vectorized and full != f.size:
-                u = periodic_repeat(u, full, f.dim - u_event_dim).contiguous()
-                batch[f.dim] = full
+        for f, full in subsampled_frames(site):
+            u = periodic_repeat(u, full, f.dim - u_event_dim).contiguous()
+            batch[f.dim] = full
         shape = torch.Size(batch) + fn.event_shape
         info = SiteInfo(shape, shape.numel(), shape.numel(), torch.Size(batch))
         rho = scale_bijection(self.scale_transform).inv(torch.full_like(u, self._dense_init_scale))
@@ -758,10 +756,10 @@ def _plate_local_frames(name, site, subsampled=False):
     batch = fn.batch_shape
     if not frames:
         raise ValueError(_batch_shape_message(name, site))
-    for f in frames:
-        full = f.full_size if f.full_size is not None else f.size
-        if f.size != full and not subsampled:
-            raise ValueError(_subsampled_message(name, f.name, f.size, full))
+    refused = [] if subsampled else subsampled_frames(site)
+    if refused:
+        f, full = refused[0]
+        raise ValueError(_subsampled_message(name, f.name, f.size, full))
     by_dim = {f.dim: f for f in frames}
     for i in range(-len(batch), 0):
         if batch[i] != 1 and (i not in by_dim or by_dim[i].size != batch[i]):
