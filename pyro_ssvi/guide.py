@@ -66,6 +66,11 @@ def init_to_normal(site=None, std=0.01):
     return torch.randn_like(proto) * std
 
 
+def _is_positive_float(value):
+    """A finite positive number (``bool`` excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 #: where each field of a :class:`~pyro_ssvi.site.SparseSite` is saved in ``state_dict()``:
 #: ``<container>.<site name>``, the layout of Pyro's ``AutoNormal`` (``locs.<site>``, ``scales.<site>``)
 STATE_LAYOUT = (("loc", "locs"), ("unconstrained_scale", "unconstrained_scales"), ("index", "indices"), ("births", "births"))
@@ -196,15 +201,13 @@ class SparseSubspaceGuide(AutoGuide):
             raise ValueError(f"dense_sites: expected an iterable of site names, got {dense_sites!r}")
         self._dense_sites = frozenset(dense_sites)
         self._init_scale = self._check_init_scale(init_scale)
-        if not (isinstance(dense_init_scale, (int, float)) and not isinstance(dense_init_scale, bool) and 0 < dense_init_scale < float("inf")):
+        if not _is_positive_float(dense_init_scale):
             raise ValueError(f"dense_init_scale: expected a positive float, got {dense_init_scale!r}")
         self._dense_init_scale = float(dense_init_scale)
         if init_subspace not in ("random", "magnitude"):
             raise ValueError(f"init_subspace: expected 'random' or 'magnitude', got {init_subspace!r}")
         self.init_subspace = init_subspace
-        if relative_init_scale is not None and not (
-            isinstance(relative_init_scale, (int, float)) and not isinstance(relative_init_scale, bool) and 0 < relative_init_scale < float("inf")
-        ):
+        if relative_init_scale is not None and not _is_positive_float(relative_init_scale):
             raise ValueError(f"relative_init_scale: expected a positive float or None, got {relative_init_scale!r}")
         self._relative_init_scale = None if relative_init_scale is None else float(relative_init_scale)
         scale_bijection(scale_transform)  # or ValueError
@@ -305,7 +308,7 @@ class SparseSubspaceGuide(AutoGuide):
             info = SiteInfo(shape, numel, k, fn.batch_shape)
             index = None if info.full else self._initial_subspace(value, k).sort().values
             loc = value.reshape(-1) if info.full else value.reshape(-1)[index]
-            scale = self._draw_scale(k, value) if is_weight(site) else torch.full((k,), self._dense_init_scale, dtype=value.dtype, device=value.device)
+            scale = self._draw_scale(k, value, self._init_scale if is_weight(site) else self._dense_init_scale)
             if self._relative_init_scale is not None:
                 relative = (self._relative_init_scale * loc.abs()).clamp_min(1e-8)
                 scale = torch.where(loc != 0, relative, scale)
@@ -353,10 +356,12 @@ class SparseSubspaceGuide(AutoGuide):
             return order[:k]
         return torch.randperm(value.numel(), device=value.device)[:k]
 
-    def _draw_scale(self, k, like):
-        if isinstance(self._init_scale, float):
-            return torch.full((k,), self._init_scale, dtype=like.dtype, device=like.device)
-        mean, std = self._init_scale
+    @staticmethod
+    def _draw_scale(k, like, init_scale):
+        """``k`` initial standard deviations: ``init_scale`` itself (a float), or ``|N(mean, std^2)|`` draws (a pair)."""
+        if isinstance(init_scale, float):
+            return torch.full((k,), init_scale, dtype=like.dtype, device=like.device)
+        mean, std = init_scale
         scale = (mean + std * torch.randn(k, dtype=like.dtype, device=like.device)).abs()
         return scale.clamp_min(1e-8)
 
