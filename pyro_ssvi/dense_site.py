@@ -33,7 +33,7 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import identity_transform
 
 from .distributions import factorised_base
-from .site import scale_bijection
+from .site import check_finite_parameters, scale_bijection
 
 
 def _base_constraint(constraint):
@@ -204,11 +204,9 @@ class DenseSite(PyroModule):
 
     # checkpoints ------------------------------------------------------------------------
     def check_state(self, loc=None, unconstrained_scale=None, index=None, births=None, names=None):
-        """``ValueError`` naming the site if the saved means or scales hold non-finite values."""
-        names = names or {}
-        for field, value in (("loc", loc), ("unconstrained_scale", unconstrained_scale)):
-            if value is not None and not torch.isfinite(value).all():
-                raise ValueError(f"state_dict: site {self.site_name!r}: {names.get(field, field)} holds non-finite values")
+        """``ValueError`` naming the site if the saved means or scales hold non-finite values (a dense site has no
+        indices or births to check)."""
+        check_finite_parameters(self.site_name, loc, unconstrained_scale, names)
 
 
 __all__ = ["DenseSite", "check_transformable", "is_real", "is_weight", "subsampled_frames", "to_support", "why_dense"]

@@ -66,6 +66,15 @@ class SiteInfo(NamedTuple):
         return len(self.batch_shape) > 0
 
 
+def check_finite_parameters(site_name, loc=None, unconstrained_scale=None, names=None):
+    """``ValueError`` naming the site if a saved ``loc`` or ``unconstrained_scale`` (``None``: not given) holds
+    non-finite values; ``names`` maps a field to the name messages give it (default: the field)."""
+    names = names or {}
+    for field, value in (("loc", loc), ("unconstrained_scale", unconstrained_scale)):
+        if value is not None and not torch.isfinite(value).all():
+            raise ValueError(f"state_dict: site {site_name!r}: {names.get(field, field)} holds non-finite values")
+
+
 def index_dtype(numel):
     """Active indices are stored as int32 (4 bytes per active entry) unless a site is too large."""
     return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
@@ -195,11 +204,8 @@ class SparseSite(PyroModule):
         """``ValueError`` naming the site if these tensors (``None``: not given) cannot be this
         site's state: non-finite means or scales, indices out of ``[0, numel)`` or repeated, negative
         births. ``names`` maps a field to the name messages give it (default: the field)."""
-        names = names or {}
+        check_finite_parameters(self.site_name, loc, unconstrained_scale, names)
         site = f"state_dict: site {self.site_name!r}"
-        for field, value in (("loc", loc), ("unconstrained_scale", unconstrained_scale)):
-            if value is not None and not torch.isfinite(value).all():
-                raise ValueError(f"{site}: {names.get(field, field)} holds non-finite values")
         numel = self.info.numel
         if index is not None and index.numel():
             if index.min() < 0 or index.max() >= numel:
@@ -212,4 +218,4 @@ class SparseSite(PyroModule):
             raise ValueError(f"{site}: negative birth steps")
 
 
-__all__ = ["SCALE_TRANSFORMS", "SiteInfo", "SparseSite", "index_dtype", "scale_bijection"]
+__all__ = ["SCALE_TRANSFORMS", "SiteInfo", "SparseSite", "check_finite_parameters", "index_dtype", "scale_bijection"]
