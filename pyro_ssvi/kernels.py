@@ -194,10 +194,8 @@ class LinearPattern:
     def structure(self, like):
         """``W``'s CSR structure with placeholder values of ``like``'s dtype and device (cached), for
         kernels that read only the structure (``sampled_addmm`` with ``beta=0``)."""
-        key = (like.dtype, like.device)
-        if key not in self._structures:
-            self._structures[key] = _csr(self.crow, self.col, torch.zeros(self.num_active, dtype=like.dtype, device=like.device), self.shape)
-        return self._structures[key]
+        return self.cached((like.dtype, like.device), lambda: _csr(
+            self.crow, self.col, torch.zeros(self.num_active, dtype=like.dtype, device=like.device), self.shape))
 
     def matmul(self, values, xt):
         r"""``W @ xt`` for ``xt`` of shape ``(in, n)``: row ``r`` of the result is
